@@ -1,0 +1,35 @@
+"""Lazy imports of heavy optional dependencies, with an error that names the pip extra."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# module -> extra that provides it
+_EXTRAS = {
+    "torch": "export",
+    "diffusers": "export",
+    "transformers": "export",
+    "onnx": "export",
+    "onnxscript": "export",
+    "safetensors": "export",
+    "coremltools": "coreml",
+    "tensorrt": "trt",
+    "pynvml": "gpu",
+    "deepcache": "dev",
+}
+
+
+class MissingDependency(ImportError):
+    pass
+
+
+def require(module: str) -> ModuleType:
+    """Import `module` or raise an ImportError that says which effdiff extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        extra = _EXTRAS.get(top)
+        hint = f"pip install 'effdiff[{extra}]'" if extra else f"pip install {top}"
+        raise MissingDependency(f"{module} is needed for this command but is not installed: {hint}") from exc

@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints them as one line and exits non-zero."""
+
+
+class EffdiffError(Exception):
+    """A problem the user can fix (bad path, bad option, incompatible artifacts)."""
+
+
+class ValidationFailed(EffdiffError):
+    """Exported graphs ran but differ from PyTorch beyond tolerance; artifacts and report are kept."""

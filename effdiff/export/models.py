@@ -1,0 +1,254 @@
+"""Model sources: a local diffusers pipeline folder, or a built-in tiny config saved as one.
+
+Built-in models are written to a diffusers folder first, so one code path loads both.
+Components are loaded one at a time so an SD1.5-size model fits a 24 GB machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from effdiff._deps import require
+from effdiff.errors import EffdiffError
+from effdiff.export.vocab import write_vocab_files
+
+BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2")
+REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+_SCHEDULER_FILES = ("scheduler_config.json",)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A diffusers pipeline folder and what effdiff needs to know about it."""
+
+    path: Path
+    name: str  # what the user asked for: a builtin name or the folder path
+    family: str  # "sd1" or "sd2"
+    prediction_type: str
+    unet_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    text_config: dict[str, Any]
+    scheduler_config: dict[str, Any]
+
+    def content_hash(self) -> str:
+        return folder_hash(self.path)
+
+
+def folder_hash(path: Path) -> str:
+    """sha256 over relative paths and contents of every file, in sorted order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- built-in tiny models
+
+
+def _tiny_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, dict[str, Any]]:
+    """UNet/VAE/text/scheduler configs with the structure of SD1.x or SD2.x, a few MB in size."""
+    sd2 = name == "tiny-sd2"
+    hidden = 64 if sd2 else 32
+    unet = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=hidden,
+        norm_num_groups=8,
+        # SD2: per-block head dims, linear projections, upcast attention.
+        attention_head_dim=(2, 4, 4) if sd2 else 4,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+    )
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=hidden,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    scheduler = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    return {"unet": unet, "vae": vae, "text": text, "scheduler": scheduler}
+
+
+def save_builtin(name: str, folder: Path, seed: int = 0) -> Path:
+    """Build a tiny model with seeded random weights and save it as a diffusers pipeline folder."""
+    if name not in BUILTIN_MODELS:
+        raise EffdiffError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
+    torch = require("torch")
+    diffusers = require("diffusers")
+    transformers = require("transformers")
+
+    vocab_dir = Path(tempfile.mkdtemp(prefix="effdiff-vocab-"))
+    write_vocab_files(vocab_dir)
+    # SD2 pads with "!" (id of the byte symbol), SD1 with end-of-text, as the real tokenizers do.
+    pad_token = "!" if name == "tiny-sd2" else "<|endoftext|>"
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(vocab_dir, pad_token=pad_token)
+    cfg = _tiny_configs(
+        name, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**cfg["unet"])
+    vae = diffusers.AutoencoderKL(**cfg["vae"])
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg["text"]))
+    scheduler = diffusers.DDIMScheduler(**cfg["scheduler"])
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def builtin_folder(name: str) -> Path:
+    """Where a built-in model is saved: a per-user cache, rebuilt when absent (deterministic seed)."""
+    root = Path(os.environ.get("EFFDIFF_CACHE", Path.home() / ".cache" / "effdiff")) / "models"
+    folder = root / name
+    if not (folder / "model_index.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        save_builtin(name, tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race; its folder is equivalent
+            pass
+    return folder
+
+
+# ---------------------------------------------------------------- loading and checks
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise EffdiffError(f"{path} is missing") from exc
+    except json.JSONDecodeError as exc:
+        raise EffdiffError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def check_unet_supported(config: dict[str, Any]) -> None:
+    """Refuse UNets whose forward needs inputs the encoder/decoder split does not carry."""
+    cls = config.get("_class_name", "UNet2DConditionModel")
+    if cls != "UNet2DConditionModel":
+        raise EffdiffError(f"unet is a {cls}; only UNet2DConditionModel (SD 1.x / 2.x) can be split")
+    unsupported = {
+        "addition_embed_type": "SDXL-style added conditions (text_embeds/time_ids)",
+        "class_embed_type": "class embeddings",
+        "encoder_hid_dim_type": "an encoder_hid_proj",
+        "time_cond_proj_dim": "a timestep condition (LCM-style)",
+        "num_class_embeds": "class embeddings",
+    }
+    for key, what in unsupported.items():
+        if config.get(key) is not None:
+            raise EffdiffError(f"unet uses {what} ({key}={config[key]!r}); this split does not support it yet")
+    if config.get("attention_type", "default") != "default":
+        raise EffdiffError(f"unet attention_type={config['attention_type']!r} (GLIGEN) is not supported")
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
+        raise EffdiffError("unet has no mid block; the encoder/decoder split needs one")
+
+
+def model_family(unet_config: dict[str, Any]) -> str:
+    return "sd2" if unet_config.get("use_linear_projection") else "sd1"
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Turn `--model` (a folder or a built-in name) into a checked ModelSource. Raises EffdiffError."""
+    path = builtin_folder(model) if model in BUILTIN_MODELS else Path(model).expanduser()
+    if not path.exists():
+        hint = f" (built-in models: {', '.join(BUILTIN_MODELS)})"
+        raise EffdiffError(f"model path {str(path)!r} does not exist{hint}")
+    if not path.is_dir():
+        raise EffdiffError(f"model path {str(path)!r} is a file; expected a diffusers pipeline folder")
+    if not (path / "model_index.json").exists():
+        if (path / "config.json").exists() and (path / "diffusion_pytorch_model.safetensors").exists():
+            raise EffdiffError(f"{path} holds a single model, not a pipeline; pass the folder above it")
+        raise EffdiffError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    index = _read_json(path / "model_index.json")
+    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (path / c).is_dir()]
+    if missing:
+        raise EffdiffError(f"{path} lacks pipeline component(s): {', '.join(missing)}")
+    unet_cfg = _read_json(path / "unet" / "config.json")
+    check_unet_supported(unet_cfg)
+    if "controlnet" in index:
+        raise EffdiffError(f"{path} is a ControlNet pipeline; ControlNet inputs are not supported yet")
+    sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
+    tok_dir = path / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "vocab.json").exists():
+        raise EffdiffError(f"{tok_dir} has neither tokenizer.json nor vocab.json + merges.txt")
+    return ModelSource(
+        path=path,
+        name=model,
+        family=model_family(unet_cfg),
+        prediction_type=sched_cfg.get("prediction_type", "epsilon"),
+        unet_config=unet_cfg,
+        vae_config=_read_json(path / "vae" / "config.json"),
+        text_config=_read_json(path / "text_encoder" / "config.json"),
+        scheduler_config=sched_cfg,
+    )
+
+
+def load_component(source: ModelSource, component: str) -> Any:
+    """Load one component in fp32 eval mode, offline."""
+    diffusers = require("diffusers")
+    transformers = require("transformers")
+    loaders = {
+        "unet": lambda p: diffusers.UNet2DConditionModel.from_pretrained(p),
+        "vae": lambda p: diffusers.AutoencoderKL.from_pretrained(p),
+        "text_encoder": lambda p: transformers.CLIPTextModel.from_pretrained(p),
+        "tokenizer": lambda p: transformers.CLIPTokenizer.from_pretrained(p),
+    }
+    try:
+        obj = loaders[component](source.path / component)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EffdiffError(f"cannot load {component} from {source.path}: {first}") from exc
+    if hasattr(obj, "eval"):
+        obj.eval().requires_grad_(False)
+    return obj
