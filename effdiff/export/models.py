@@ -18,7 +18,9 @@ from effdiff._deps import require
 from effdiff.errors import EffdiffError
 from effdiff.export.vocab import write_vocab_files
 
-BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2")
+# tiny-*: a few MB, for tests and demos. sd15-arch: SD1.5's published architecture with random
+# weights (860 M-parameter UNet), for speed and memory work only.
+BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "sd15-arch")
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 _SCHEDULER_FILES = ("scheduler_config.json",)
 
@@ -54,8 +56,51 @@ def folder_hash(path: Path) -> str:
 # ---------------------------------------------------------------- built-in tiny models
 
 
-def _tiny_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, dict[str, Any]]:
-    """UNet/VAE/text/scheduler configs with the structure of SD1.x or SD2.x, a few MB in size."""
+def _builtin_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, dict[str, Any]]:
+    """UNet/VAE/text/scheduler configs: tiny ones with SD1.x or SD2.x structure, or SD1.5's own."""
+    scheduler = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if name == "tiny-sd2" else "epsilon",
+    )
+    if name == "sd15-arch":
+        unet = dict(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        vae = dict(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+            scaling_factor=0.18215,
+        )
+        text = dict(
+            vocab_size=49408,  # CLIP ViT-L/14's; our small tokenizer uses the first ids only
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        return {"unet": unet, "vae": vae, "text": text, "scheduler": scheduler}
     sd2 = name == "tiny-sd2"
     hidden = 64 if sd2 else 32
     unet = dict(
@@ -98,21 +143,11 @@ def _tiny_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -> d
         eos_token_id=eos,
         pad_token_id=pad,
     )
-    scheduler = dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if sd2 else "epsilon",
-    )
     return {"unet": unet, "vae": vae, "text": text, "scheduler": scheduler}
 
 
 def save_builtin(name: str, folder: Path, seed: int = 0) -> Path:
-    """Build a tiny model with seeded random weights and save it as a diffusers pipeline folder."""
+    """Build a built-in model with seeded random weights and save it as a diffusers pipeline folder."""
     if name not in BUILTIN_MODELS:
         raise EffdiffError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
     torch = require("torch")
@@ -124,7 +159,7 @@ def save_builtin(name: str, folder: Path, seed: int = 0) -> Path:
     # SD2 pads with "!" (id of the byte symbol), SD1 with end-of-text, as the real tokenizers do.
     pad_token = "!" if name == "tiny-sd2" else "<|endoftext|>"
     tokenizer = transformers.CLIPTokenizer.from_pretrained(vocab_dir, pad_token=pad_token)
-    cfg = _tiny_configs(
+    cfg = _builtin_configs(
         name, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     )
     torch.manual_seed(seed)

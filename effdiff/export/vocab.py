@@ -13,11 +13,7 @@ BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
 # Words the tiny and reference models see in prompts; any other text still tokenizes byte by byte.
-WORDS = (
-    "a an the of on at in with and small large big medium red green blue yellow orange purple "
-    "white black gray grey pink brown cyan circle square triangle star cross ring diamond "
-    "top bottom left right center middle background photo picture cat dog house tree"
-).split()
+WORDS = ["a", "an", "the", "of", "on", "at", "in", "with", "and", "small", "large", "big", "medium", "red", "green", "blue", "yellow", "orange", "purple", "white", "black", "gray", "grey", "pink", "brown", "cyan", "circle", "square", "triangle", "star", "cross", "ring", "diamond", "top", "bottom", "left", "right", "center", "middle", "background", "photo", "picture", "cat", "dog", "house", "tree"]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
