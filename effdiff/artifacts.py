@@ -61,7 +61,9 @@ def read_manifest(artifacts: Path) -> dict[str, Any]:
     """Read and check a manifest; EffdiffError with a fix when missing or from an incompatible version."""
     path = Path(artifacts) / MANIFEST
     if not Path(artifacts).is_dir():
-        raise EffdiffError(f"artifacts folder {str(artifacts)!r} does not exist; run `effdiff-export onnx` first")
+        raise EffdiffError(
+            f"artifacts folder {str(artifacts)!r} does not exist; run `effdiff-export onnx` first"
+        )
     if not path.exists():
         raise EffdiffError(f"{path} is missing: {artifacts} is not an effdiff artifacts folder")
     try:

@@ -30,7 +30,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished artifacts are kept; run the same command again to resume", err=True)
+            click.echo(
+                "interrupted: finished artifacts are kept; run the same command again to resume", err=True
+            )
             sys.exit(130)
 
     return wrapper
@@ -59,8 +61,9 @@ main.add_command(export_main)
 @click.option("--width", type=int, help="image width in pixels used for validation (default: model's)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @user_errors
-def export_onnx_cmd(model: str, out: Path, opset: int, precision: str, height: int | None, width: int | None,
-                    quiet: bool) -> None:
+def export_onnx_cmd(
+    model: str, out: Path, opset: int, precision: str, height: int | None, width: int | None, quiet: bool
+) -> None:
     """Split the UNet into encoder/decoder, export all graphs to ONNX and validate them against PyTorch."""
     from effdiff.export.onnx import ExportRecipe, Precision, export_onnx
 

@@ -148,7 +148,12 @@ class GraphSpec:
                 )
 
     def sample_inputs(
-        self, batch: int, height: int, width: int, rng: np.random.Generator, timesteps: np.ndarray | None = None
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        rng: np.random.Generator,
+        timesteps: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Realistic random inputs: latents ~ N(0,1), timesteps from the caller's scheduler, ids in vocab."""
         shapes = self.input_shapes(batch, height, width)
@@ -181,7 +186,9 @@ def _latent(name: str, channels: int, level: int, dtype: str) -> TensorSpec:
     return TensorSpec(name, dtype, (BATCH, fixed(channels), Axis("height", div=div), Axis("width", div=div)))
 
 
-def build_specs(geom: Geometry, float_dtype: str = "float32", vocab_size: int = 49408) -> dict[str, GraphSpec]:
+def build_specs(
+    geom: Geometry, float_dtype: str = "float32", vocab_size: int = 49408
+) -> dict[str, GraphSpec]:
     """The five graphs' specs. Timesteps are float32 per row so a decoder batch can mix steps."""
     f = float_dtype
     timestep = TensorSpec("timestep", "float32", (BATCH,))

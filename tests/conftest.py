@@ -21,7 +21,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sd1_folder(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-sd1 saved as a diffusers folder with its tokenizer as vocab.json + merges.txt (real SD1.5 layout)."""
+    """tiny-sd1 as a diffusers folder, its tokenizer as vocab.json + merges.txt (the real SD1.5 layout)."""
     from effdiff.export.models import save_builtin
     from effdiff.export.vocab import write_vocab_files
 

@@ -22,8 +22,9 @@ BLOCK = textwrap.dedent(
 
 
 def run_blocked(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", BLOCK + textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK + textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_light_modules_import_without_torch() -> None:

@@ -26,7 +26,15 @@ def test_every_graph_exported_and_validated(artifacts: Path) -> None:
         assert worst < 1e-4, f"{graph}: worst relative L2 {worst:.2e}"
     chain = manifest["chain_validation"]
     assert len(chain) == 4 and max(c["rel_l2"] for c in chain) < 1e-4
-    for key in ("effdiff_version", "source", "family", "prediction_type", "recipe", "skip_layout", "tokenizer"):
+    for key in (
+        "effdiff_version",
+        "source",
+        "family",
+        "prediction_type",
+        "recipe",
+        "skip_layout",
+        "tokenizer",
+    ):
         assert key in manifest, key
     assert len(manifest["source"]["content_hash"]) == 64
     assert (artifacts / "tokenizer" / "tokenizer.json").exists()
@@ -79,7 +87,9 @@ def test_session_boundary_names_expected_and_actual(sd1_artifacts: Path) -> None
     encoder = OrtGraph(graph_path(sd1_artifacts, "unet_encoder"), specs["unet_encoder"])
     feeds = specs["unet_encoder"].sample_inputs(2, 8, 8, np.random.default_rng(0))
     feeds["sample"] = feeds["sample"].astype(np.float16)
-    with pytest.raises(ValueError, match=r"expected float32 \(batch,4,latent_height,latent_width\) for `sample`"):
+    with pytest.raises(
+        ValueError, match=r"expected float32 \(batch,4,latent_height,latent_width\) for `sample`"
+    ):
         encoder.run(feeds)
 
 

@@ -30,7 +30,9 @@ def test_saved_folder_round_trip(sd1_folder: Path, cache_dir: Path, tmp_path: Pa
         image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
     again = save_builtin("tiny-sd1", tmp_path / "again")
-    assert folder_hash(again / "unet") == folder_hash(sd1_folder / "unet"), "built-in weights not deterministic"
+    assert folder_hash(again / "unet") == folder_hash(sd1_folder / "unet"), (
+        "built-in weights not deterministic"
+    )
     source = resolve_model(str(sd1_folder))
     assert source.family == "sd1" and source.path == sd1_folder
 
@@ -66,7 +68,7 @@ def test_bad_paths(tmp_path: Path) -> None:
     (tmp_path / "file.bin").write_bytes(b"x")
     with pytest.raises(EffdiffError, match="is a file"):
         resolve_model(str(tmp_path / "file.bin"))
-    with pytest.raises(EffdiffError, match="no model_index.json"):
+    with pytest.raises(EffdiffError, match=r"no model_index\.json"):
         resolve_model(str(tmp_path))
     broken = _fake_pipeline(tmp_path / "broken", {"_class_name": "UNet2DConditionModel"})
     (broken / "vae").rmdir()

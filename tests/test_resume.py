@@ -31,8 +31,9 @@ def test_rerun_skips_valid_graphs(sd2_artifacts: Path) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in sd2_artifacts.glob("*.onnx")} == before
 
 
-def test_interrupted_export_resumes(sd1_artifacts: Path, sd1_folder: Path, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_export_resumes(
+    sd1_artifacts: Path, sd1_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "partial"
     shutil.copytree(sd1_artifacts, out)
     # Forget the last two graphs, as if the export had stopped after the decoder.
@@ -56,7 +57,11 @@ def test_interrupted_export_resumes(sd1_artifacts: Path, sd1_folder: Path, tmp_p
     assert not (out / "vae_decoder.onnx").exists(), "no partial graph file"
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
     assert set(json.loads((out / "manifest.json").read_text())["graphs"]) == {
-        "text_encoder", "unet_encoder", "unet_decoder", "unet"}
+        "text_encoder",
+        "unet_encoder",
+        "unet_decoder",
+        "unet",
+    }
 
     monkeypatch.setattr(exporter, "_export_graph", real_export)
     report = exporter.export_onnx(str(sd1_folder), out, progress=False)

@@ -8,18 +8,35 @@ import pytest
 from effdiff.errors import EffdiffError
 from effdiff.runtime.schedulers import make_scheduler
 
-SD1 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
-       "set_alpha_to_one": False, "clip_sample": False}
+SD1 = {
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
 CONFIGS = [
     ("ddim", SD1, 50),
     ("ddim", {**SD1, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 20),
-    ("ddim", {"beta_schedule": "linear", "clip_sample": True, "set_alpha_to_one": True,
-              "timestep_spacing": "linspace"}, 10),
+    (
+        "ddim",
+        {
+            "beta_schedule": "linear",
+            "clip_sample": True,
+            "set_alpha_to_one": True,
+            "timestep_spacing": "linspace",
+        },
+        10,
+    ),
     ("ddim", {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample", "clip_sample": False}, 7),
     ("dpmpp-2m", SD1, 20),
     ("dpmpp-2m", {**SD1, "prediction_type": "v_prediction", "timestep_spacing": "leading"}, 10),
-    ("dpmpp-2m", {**SD1, "solver_type": "heun", "timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"},
-     25),
+    (
+        "dpmpp-2m",
+        {**SD1, "solver_type": "heun", "timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"},
+        25,
+    ),
     ("dpmpp-2m", {**SD1, "solver_order": 1, "lower_order_final": False}, 8),
     ("euler", SD1, 30),
     ("euler", {**SD1, "prediction_type": "v_prediction", "timestep_spacing": "leading"}, 15),
@@ -37,13 +54,18 @@ def test_matches_diffusers_trajectory(sampler: str, config: dict, steps: int) ->
     torch = pytest.importorskip("torch")
     import diffusers
 
-    ref_cls = {"ddim": diffusers.DDIMScheduler, "dpmpp-2m": diffusers.DPMSolverMultistepScheduler,
-               "euler": diffusers.EulerDiscreteScheduler}[sampler]
+    ref_cls = {
+        "ddim": diffusers.DDIMScheduler,
+        "dpmpp-2m": diffusers.DPMSolverMultistepScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+    }[sampler]
     ref = ref_cls.from_config(config)
     ref.set_timesteps(steps)
     ours = make_scheduler(sampler, config)
     ours.set_timesteps(steps)
-    np.testing.assert_array_equal(np.asarray(ours.timesteps, dtype=np.float64), ref.timesteps.numpy().astype(np.float64))
+    np.testing.assert_array_equal(
+        np.asarray(ours.timesteps, dtype=np.float64), ref.timesteps.numpy().astype(np.float64)
+    )
     assert abs(ours.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * float(ref.init_noise_sigma)
 
     x0 = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32) * ours.init_noise_sigma

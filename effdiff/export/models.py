@@ -6,6 +6,7 @@ Components are loaded one at a time so an SD1.5-size model fits a 24 GB machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -189,10 +190,9 @@ def builtin_folder(name: str) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         save_builtin(name, tmp)
-        try:
+        # another process may have won the race; its folder is equivalent
+        with contextlib.suppress(OSError):
             tmp.rename(folder)
-        except OSError:  # another process won the race; its folder is equivalent
-            pass
     return folder
 
 
@@ -222,7 +222,9 @@ def check_unet_supported(config: dict[str, Any]) -> None:
     }
     for key, what in unsupported.items():
         if config.get(key) is not None:
-            raise EffdiffError(f"unet uses {what} ({key}={config[key]!r}); this split does not support it yet")
+            raise EffdiffError(
+                f"unet uses {what} ({key}={config[key]!r}); this split does not support it yet"
+            )
     if config.get("attention_type", "default") != "default":
         raise EffdiffError(f"unet attention_type={config['attention_type']!r} (GLIGEN) is not supported")
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:

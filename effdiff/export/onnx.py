@@ -133,8 +133,9 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def compare(graph: str, case: str, onnx_out: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: float
-            ) -> list[Comparison]:
+def compare(
+    graph: str, case: str, onnx_out: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: float
+) -> list[Comparison]:
     out = []
     for name, want in ref.items():
         got = onnx_out[name].astype(np.float64)
@@ -182,8 +183,9 @@ def _run_torch(module: Any, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> di
     return {n: o.float().numpy() for n, o in zip(spec.output_names, outs, strict=True)}
 
 
-def _export_graph(module: Any, spec: GraphSpec, feeds: dict[str, np.ndarray], dest: Path, opset: int,
-                  precision: Precision) -> list[Path]:
+def _export_graph(
+    module: Any, spec: GraphSpec, feeds: dict[str, np.ndarray], dest: Path, opset: int, precision: Precision
+) -> list[Path]:
     """torch.onnx (dynamo) export into a temp folder beside `dest`; returns the files written there."""
     torch = require("torch")
     Dim = torch.export.Dim
@@ -265,8 +267,9 @@ def _case_name(batch: int, h: int, w: int) -> str:
     return f"b{batch} {h}x{w}"
 
 
-def _inputs_for(spec: GraphSpec, case: tuple[int, int, int], ehs: np.ndarray, ids: np.ndarray,
-                rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _inputs_for(
+    spec: GraphSpec, case: tuple[int, int, int], ehs: np.ndarray, ids: np.ndarray, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     batch, h, w = case
     feeds = spec.sample_inputs(batch, h, w, rng, timesteps=VALIDATION_TIMESTEPS[:batch])
     if "encoder_hidden_states" in feeds:
@@ -284,8 +287,9 @@ def _to_graph_dtype(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, 
 
 
 def _recipe_key(source_hash: str, recipe: ExportRecipe) -> str:
-    payload = json.dumps({"source": source_hash, "recipe": recipe.to_json(), "effdiff": __version__},
-                         sort_keys=True)
+    payload = json.dumps(
+        {"source": source_hash, "recipe": recipe.to_json(), "effdiff": __version__}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -344,7 +348,9 @@ def export_onnx(
     lat_w = (recipe.width or source.unet_config.get("sample_size", 64) * geom.vae_factor) // geom.vae_factor
     for name, px in (("height", recipe.height), ("width", recipe.width)):
         if px is not None and (px <= 0 or px % (geom.unet_factor * geom.vae_factor)):
-            raise EffdiffError(f"--{name} {px} must be a positive multiple of {geom.unet_factor * geom.vae_factor}")
+            raise EffdiffError(
+                f"--{name} {px} must be a positive multiple of {geom.unet_factor * geom.vae_factor}"
+            )
 
     out = Path(out)
     try:
@@ -387,8 +393,10 @@ def export_onnx(
     old_graphs = old.get("graphs", {}) if old.get("schema_version") == manifest["schema_version"] else {}
 
     tokenizer = PromptTokenizer(
-        out / manifest["tokenizer"]["file"], manifest["tokenizer"]["max_length"],
-        manifest["tokenizer"]["pad_id"], manifest["tokenizer"]["eos_id"],
+        out / manifest["tokenizer"]["file"],
+        manifest["tokenizer"]["max_length"],
+        manifest["tokenizer"]["pad_id"],
+        manifest["tokenizer"]["eos_id"],
     )
     ids = tokenizer(list(VALIDATION_PROMPTS))
     cases = _cases(geom, lat_h, lat_w)
@@ -405,8 +413,9 @@ def export_onnx(
         record = old_graphs.get(graph)
         if _reusable(out, record, key):
             manifest["graphs"][graph] = record
-            results.append(GraphResult(graph, skipped=True, comparisons=[
-                Comparison(**c) for c in record["validation"]]))
+            results.append(
+                GraphResult(graph, skipped=True, comparisons=[Comparison(**c) for c in record["validation"]])
+            )
             log(f"{graph}: already exported with this recipe, kept")
             if graph == "text_encoder":
                 ehs = OrtGraph(dest, spec).run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
@@ -420,8 +429,16 @@ def export_onnx(
                 component = load_component(source, component_name)
             module = _torch_modules(graph, component)
             rng = np.random.default_rng(0)
-            case_inputs = [_inputs_for(spec, c, ehs if ehs is not None else np.zeros((1, geom.text_len,
-                           geom.text_hidden), np.float32), ids, rng) for c in cases]
+            case_inputs = [
+                _inputs_for(
+                    spec,
+                    c,
+                    ehs if ehs is not None else np.zeros((1, geom.text_len, geom.text_hidden), np.float32),
+                    ids,
+                    rng,
+                )
+                for c in cases
+            ]
             if graph == "unet_decoder":
                 # realistic features: the PyTorch encoder's outputs on realistic latents
                 enc_spec = specs["unet_encoder"]
@@ -431,8 +448,9 @@ def export_onnx(
                     feeds.update(_run_torch(encoder, enc_spec, enc_feeds))
             refs = [_run_torch(module, spec, f) for f in case_inputs]
             with torch.inference_mode():
-                files = _export_graph(module, spec, _to_graph_dtype(spec, case_inputs[0]), dest,
-                                      recipe.opset, recipe.precision)
+                files = _export_graph(
+                    module, spec, _to_graph_dtype(spec, case_inputs[0]), dest, recipe.opset, recipe.precision
+                )
             stale = set((record or {}).get("files", {})) - {f.name for f in files}
             for name in stale:
                 (out / name).unlink(missing_ok=True)
@@ -484,8 +502,15 @@ def export_onnx(
     return report
 
 
-def _validate_chain(out: Path, specs: dict[str, GraphSpec], unet: Any, cases: list[tuple[int, int, int]],
-                    ehs: np.ndarray | None, ids: np.ndarray, tol: float) -> GraphResult:
+def _validate_chain(
+    out: Path,
+    specs: dict[str, GraphSpec],
+    unet: Any,
+    cases: list[tuple[int, int, int]],
+    ehs: np.ndarray | None,
+    ids: np.ndarray,
+    tol: float,
+) -> GraphResult:
     from effdiff.export.split import WholeUNet
 
     start = time.perf_counter()

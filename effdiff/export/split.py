@@ -73,7 +73,9 @@ class UNetEncoder(nn.Module):
         skips: tuple[Any, ...] = (hidden,)
         for block in unet.down_blocks:
             if _has_cross_attention(block):
-                hidden, res = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
+                hidden, res = block(
+                    hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states
+                )
             else:
                 hidden, res = block(hidden_states=hidden, temb=emb)
             skips += res

@@ -34,7 +34,9 @@ class OrtGraph:
             opts.intra_op_num_threads = threads
         start = time.perf_counter()
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers or default_providers())
+            self.session = ort.InferenceSession(
+                str(self.path), opts, providers=providers or default_providers()
+            )
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EffdiffError(f"cannot load {self.path}: {msg}") from exc

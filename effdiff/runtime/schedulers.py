@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -60,23 +60,29 @@ class Scheduler(ABC):
     """timesteps[i] is what the UNet gets at step i; step(i, ...) moves the sample from step i to i+1."""
 
     name: str
-    defaults: dict[str, Any]
+    defaults: ClassVar[dict[str, Any]]
 
     def __init__(self, config: dict[str, Any]) -> None:
         known = {**_COMMON, **self.defaults}
         cfg = {k: config.get(k, v) for k, v in known.items()}
         for key, default in _UNSUPPORTED.items():
-            if key in known and cfg[key] != default and not (
-                isinstance(default, float) and cfg[key] is not None and float(cfg[key]) == default
+            if (
+                key in known
+                and cfg[key] != default
+                and not (isinstance(default, float) and cfg[key] is not None and float(cfg[key]) == default)
             ):
                 raise EffdiffError(
                     f"scheduler option {key}={cfg[key]!r} is not supported by the {self.name} sampler "
                     f"of this runtime (supported: {default!r})"
                 )
         if cfg["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
-            raise EffdiffError(f"scheduler option prediction_type={cfg['prediction_type']!r} is not supported")
+            raise EffdiffError(
+                f"scheduler option prediction_type={cfg['prediction_type']!r} is not supported"
+            )
         if cfg.get("timestep_spacing") not in (None, "leading", "trailing", "linspace"):
-            raise EffdiffError(f"scheduler option timestep_spacing={cfg['timestep_spacing']!r} is not supported")
+            raise EffdiffError(
+                f"scheduler option timestep_spacing={cfg['timestep_spacing']!r} is not supported"
+            )
         self.config = cfg
         n = int(cfg["num_train_timesteps"])
         if cfg["trained_betas"] is not None:
@@ -123,7 +129,7 @@ class DDIMScheduler(Scheduler):
     """Deterministic DDIM (eta = 0)."""
 
     name = "ddim"
-    defaults = {
+    defaults: ClassVar[dict[str, Any]] = {
         "clip_sample": True,
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
@@ -171,7 +177,7 @@ class EulerDiscreteScheduler(Scheduler):
     """Euler (no churn), sigma-parameterised like k-diffusion; the model input is scaled."""
 
     name = "euler"
-    defaults = {
+    defaults: ClassVar[dict[str, Any]] = {
         "interpolation_type": "linear",
         "use_karras_sigmas": False,
         "use_exponential_sigmas": False,
@@ -190,15 +196,18 @@ class EulerDiscreteScheduler(Scheduler):
         if spacing == "linspace":
             ts = np.linspace(0, total - 1, n, dtype=np.float64)[::-1]
         elif spacing == "leading":
-            ts = (np.arange(0, n) * (total // n)).round()[::-1].astype(np.float32) + self.config["steps_offset"]
+            ts = (np.arange(0, n) * (total // n)).round()[::-1].astype(np.float32) + self.config[
+                "steps_offset"
+            ]
         else:
             ts = np.arange(total, 0, -total / n).round().astype(np.float32) - 1
         all_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         sigmas = np.interp(ts, np.arange(0, len(all_sigmas)), all_sigmas)
         last = 0.0 if self.config["final_sigmas_type"] == "zero" else all_sigmas[0]
         if self.config["final_sigmas_type"] not in ("zero", "sigma_min"):
-            raise EffdiffError(f"scheduler option final_sigmas_type={self.config['final_sigmas_type']!r} "
-                               "is not supported")
+            raise EffdiffError(
+                f"scheduler option final_sigmas_type={self.config['final_sigmas_type']!r} is not supported"
+            )
         self.sigmas = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
         self.timesteps = ts.astype(np.float32)
         self.num_inference_steps = n
@@ -228,7 +237,7 @@ class DPMSolverMultistepScheduler(Scheduler):
     """DPM-Solver++ multistep, order 1 or 2 (2M), midpoint or heun, lower-order final steps."""
 
     name = "dpmpp-2m"
-    defaults = {
+    defaults: ClassVar[dict[str, Any]] = {
         "solver_order": 2,
         "thresholding": False,
         "algorithm_type": "dpmsolver++",
@@ -258,8 +267,10 @@ class DPMSolverMultistepScheduler(Scheduler):
         }
         for key, allowed in checks.items():
             if cfg[key] not in allowed:
-                raise EffdiffError(f"scheduler option {key}={cfg[key]!r} is not supported by the dpmpp-2m "
-                                   f"sampler (supported: {', '.join(map(repr, allowed))})")
+                raise EffdiffError(
+                    f"scheduler option {key}={cfg[key]!r} is not supported by the dpmpp-2m "
+                    f"sampler (supported: {', '.join(map(repr, allowed))})"
+                )
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self._check_steps(num_inference_steps)
@@ -295,7 +306,9 @@ class DPMSolverMultistepScheduler(Scheduler):
         cfg = self.config
         n = len(self.timesteps)
         lower_final = i == n - 1 and (
-            cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
+            cfg["euler_at_final"]
+            or (cfg["lower_order_final"] and n < 15)
+            or cfg["final_sigmas_type"] == "zero"
         )
         alpha_s0, sigma_s0, lam_s0 = self._lambda(self.sigmas[i])
         if self.prediction_type == "epsilon":
