@@ -71,3 +71,104 @@ def export_onnx_cmd(
     report = export_onnx(model, out, recipe, progress=not quiet, log=lambda m: click.echo(m, err=True))
     click.echo(report.table())
     click.echo(f"all graphs within tolerance; manifest: {out / 'manifest.json'}")
+
+
+@main.command("generate")
+@click.option(
+    "--artifacts", required=True, type=click.Path(path_type=Path), help="folder from effdiff-export"
+)
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default="", show_default=True)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="PNG to write (a grid if several)"
+)
+@click.option("--steps", default=50, show_default=True, type=int)
+@click.option("--sampler", default="ddim", show_default=True, help="ddim, dpmpp-2m or euler")
+@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--height", type=int, help="pixels (default: the export size)")
+@click.option("--width", type=int, help="pixels (default: the export size)")
+@click.option("--num-images", default=1, show_default=True, type=int)
+@click.option(
+    "--propagation", default="none", show_default=True, help="none, fd-ddim50, fd-dpm20, uniform:K or 0,1,2,5"
+)
+@click.option("--max-decoder-batch", default=8, show_default=True, type=int, help="decoder steps per batch")
+@click.option(
+    "--noise-alpha", default=0.003, show_default=True, type=float, help="prior noise injection; 0 = off"
+)
+@click.option("--noise-tau", default=500.0, show_default=True, type=float)
+@click.option("--lean", is_flag=True, help="one component in memory at a time")
+@click.option("--vae-tile", type=int, help="decode the VAE in latent tiles of this size")
+@click.option("--providers", help="comma-separated onnxruntime execution providers")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def generate_cmd(
+    artifacts: Path,
+    prompt: str,
+    negative_prompt: str,
+    out: Path,
+    steps: int,
+    sampler: str,
+    guidance: float,
+    seed: int,
+    height: int | None,
+    width: int | None,
+    num_images: int,
+    propagation: str,
+    max_decoder_batch: int,
+    noise_alpha: float,
+    noise_tau: float,
+    lean: bool,
+    vae_tile: int | None,
+    providers: str | None,
+    quiet: bool,
+) -> None:
+    """Text to image from exported artifacts (numpy + onnxruntime only)."""
+    from effdiff.runtime.pipeline import Pipeline, save_image
+    from effdiff.runtime.propagation import KeySchedule, NoiseInjection
+
+    if out.suffix.lower() != ".png":
+        raise EffdiffError(f"--out must be a .png file, got {out}")
+    check_writable(out)
+    schedule = KeySchedule.parse(propagation)
+    pipe = Pipeline.load(artifacts, providers=providers.split(",") if providers else None, lean=lean)
+    result = pipe(
+        prompt,
+        negative_prompt,
+        steps=steps,
+        sampler=sampler,
+        guidance_scale=guidance,
+        seed=seed,
+        height=height,
+        width=width,
+        num_images=num_images,
+        propagation=schedule,
+        max_decoder_batch=max_decoder_batch,
+        noise_injection=NoiseInjection(noise_alpha, noise_tau) if noise_alpha > 0 else None,
+        vae_tile=vae_tile,
+        progress=not quiet,
+    )
+    save_image(result.images, out)
+    t = result.timings
+    parts = ", ".join(
+        f"{k} {t[k]:.2f}s"
+        for k in ("text_encoder", "unet_encoder", "unet_decoder", "unet", "vae_decoder", "overhead")
+        if t[k] > 0
+    )
+    click.echo(
+        f"wrote {out}: total {t['total']:.2f}s ({parts}; session load {t['load']:.2f}s), "
+        f"peak RSS {result.peak_rss_gib:.2f} GiB"
+    )
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the work, not after it, when the output cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise EffdiffError(f"cannot write {path}: folder {parent} does not exist")
+    if path.exists() and path.is_dir():
+        raise EffdiffError(f"cannot write {path}: it is a folder")
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise EffdiffError(f"cannot write {path}: folder {parent} is not writable")

@@ -159,7 +159,9 @@ def save_builtin(name: str, folder: Path, seed: int = 0) -> Path:
     write_vocab_files(vocab_dir)
     # SD2 pads with "!" (id of the byte symbol), SD1 with end-of-text, as the real tokenizers do.
     pad_token = "!" if name == "tiny-sd2" else "<|endoftext|>"
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(vocab_dir, pad_token=pad_token)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(
+        vocab_dir, pad_token=pad_token, model_max_length=77
+    )
     cfg = _builtin_configs(
         name, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     )

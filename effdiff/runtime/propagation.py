@@ -1,0 +1,133 @@
+"""Encoder propagation (Faster Diffusion): which steps run the UNet encoder, how decoder calls batch.
+
+At a key step the encoder runs on the current latents; every step until the next key step reuses its
+mid/skip features. Those decoder calls depend only on the features, the text embedding and their own
+timesteps, so they run as one batch (bounded by `max_decoder_batch` steps) before the scheduler walks
+through their outputs in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from effdiff.errors import EffdiffError
+
+# Faster Diffusion's DDIM-50 key steps (paper, SD1.5).
+_PRESETS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "fd-ddim50": (50, (0, 1, 2, 3, 5, 10, 15, 25, 35)),
+    # Ours for DPM-Solver++ at 20 steps: the same shape (dense early, sparse late), 10 of 20 steps.
+    "fd-dpm20": (20, (0, 1, 2, 3, 4, 6, 8, 10, 13, 16)),
+}
+
+
+@dataclass(frozen=True)
+class KeySchedule:
+    """Explicit key-step indices, every k-th step (`uniform`), a named preset, or `none` (whole UNet)."""
+
+    kind: str  # "none" | "uniform" | "explicit" | "preset"
+    every: int = 0
+    steps: tuple[int, ...] = ()
+    name: str = ""
+
+    @classmethod
+    def none(cls) -> KeySchedule:
+        return cls("none")
+
+    @classmethod
+    def uniform(cls, k: int) -> KeySchedule:
+        if k < 1:
+            raise EffdiffError(f"uniform key-step interval must be >= 1, got {k}")
+        return cls("uniform", every=k)
+
+    @classmethod
+    def explicit(cls, steps: tuple[int, ...]) -> KeySchedule:
+        return cls("explicit", steps=tuple(steps))
+
+    @classmethod
+    def preset(cls, name: str) -> KeySchedule:
+        if name not in _PRESETS:
+            raise EffdiffError(f"unknown key-step preset {name!r}; presets: {', '.join(_PRESETS)}")
+        return cls("preset", steps=_PRESETS[name][1], name=name)
+
+    @classmethod
+    def parse(cls, text: str) -> KeySchedule:
+        """`none`, `uniform:K`, a preset name, or comma-separated step indices such as `0,1,2,5`."""
+        text = text.strip()
+        if text == "none":
+            return cls.none()
+        if text.startswith("uniform:"):
+            try:
+                return cls.uniform(int(text.split(":", 1)[1]))
+            except ValueError:
+                raise EffdiffError(
+                    f"bad key-step schedule {text!r}: expected uniform:K with an integer K"
+                ) from None
+        if text in _PRESETS:
+            return cls.preset(text)
+        try:
+            return cls.explicit(tuple(int(s) for s in text.split(",") if s.strip()))
+        except ValueError:
+            raise EffdiffError(
+                f"bad key-step schedule {text!r}: use none, uniform:K, {', '.join(_PRESETS)}, "
+                "or indices like 0,1,2,5"
+            ) from None
+
+    def __str__(self) -> str:
+        if self.kind == "uniform":
+            return f"uniform:{self.every}"
+        if self.kind == "explicit":
+            return ",".join(map(str, self.steps))
+        return self.name or self.kind
+
+    @property
+    def propagates(self) -> bool:
+        return self.kind != "none"
+
+    def key_steps(self, num_steps: int) -> tuple[int, ...]:
+        """Sorted key-step indices for a run of `num_steps`; EffdiffError when they do not fit it."""
+        if self.kind in ("none",):
+            return tuple(range(num_steps))
+        if self.kind == "uniform":
+            return tuple(range(0, num_steps, self.every))
+        if self.kind == "preset" and _PRESETS[self.name][0] != num_steps:
+            raise EffdiffError(
+                f"preset {self.name} is for {_PRESETS[self.name][0]} steps, not {num_steps}; "
+                "use uniform:K or explicit indices"
+            )
+        steps = sorted(set(self.steps))
+        if not steps or steps[0] != 0:
+            raise EffdiffError(f"key steps must start at 0 (the first step needs the encoder), got {self}")
+        if steps[-1] >= num_steps:
+            raise EffdiffError(
+                f"key step {steps[-1]} is out of range for {num_steps} steps (0..{num_steps - 1})"
+            )
+        return tuple(steps)
+
+    def groups(self, num_steps: int, max_decoder_batch: int) -> list[tuple[int, ...]]:
+        """Step indices whose decoder calls run as one batch: each group shares one key step's features."""
+        if max_decoder_batch < 1:
+            raise EffdiffError(f"max decoder batch must be >= 1, got {max_decoder_batch}")
+        keys = self.key_steps(num_steps)
+        bounds = [*keys, num_steps]
+        out = []
+        for start, stop in itertools.pairwise(bounds):
+            span = tuple(range(start, stop))
+            out += [span[i : i + max_decoder_batch] for i in range(0, len(span), max_decoder_batch)]
+        return out
+
+    def allowed_speedup(self, num_steps: int, encoder_s: float, decoder_s: float) -> float:
+        """UNet speed-up the schedule allows in principle: each step pays a decoder, key steps an encoder."""
+        keys = len(self.key_steps(num_steps))
+        return num_steps * (encoder_s + decoder_s) / (keys * encoder_s + num_steps * decoder_s)
+
+
+@dataclass(frozen=True)
+class NoiseInjection:
+    """Prior noise injection: z <- z + alpha * z_T at steps whose timestep is below tau."""
+
+    alpha: float = 0.003
+    tau: float = 500.0
+
+
+DEFAULT_INJECTION = NoiseInjection()
