@@ -17,6 +17,7 @@ _EXTRAS = {
     "tensorrt": "trt",
     "pynvml": "gpu",
     "deepcache": "dev",
+    "matplotlib": "bench",
 }
 
 

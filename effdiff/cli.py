@@ -172,3 +172,89 @@ def check_writable(path: Path) -> None:
 
     if not os.access(parent, os.W_OK):
         raise EffdiffError(f"cannot write {path}: folder {parent} is not writable")
+
+
+@main.command("bench")
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--configs", default="full,fd", show_default=True, help="full, fd, fd:SCHEDULE (comma-separated)"
+)
+@click.option("--prompt", "prompts", multiple=True, help="repeatable; default: one SD-style prompt")
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("--steps", default=50, show_default=True, type=int)
+@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--batch", default=1, show_default=True, type=int, help="images per prompt")
+@click.option("--repeat", default=3, show_default=True, type=int)
+@click.option("--warmup", default=1, show_default=True, type=int)
+@click.option("--peers", default="", help="diffusers,deepcache (same model, steps, sampler and latents)")
+@click.option("--providers", help="comma-separated onnxruntime execution providers")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="report folder")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def bench_cmd(
+    artifacts: Path,
+    configs: str,
+    prompts: tuple[str, ...],
+    sampler: str,
+    steps: int,
+    guidance: float,
+    height: int | None,
+    width: int | None,
+    batch: int,
+    repeat: int,
+    warmup: int,
+    peers: str,
+    providers: str | None,
+    out: Path,
+    quiet: bool,
+) -> None:
+    """Latency, memory and quality of each configuration and peer, side by side, with plots."""
+    from effdiff.bench.harness import BenchSettings, parse_configs, run_bench
+    from effdiff.bench.report import markdown, write_report
+
+    if repeat < 1 or warmup < 0 or batch < 1:
+        raise EffdiffError("--repeat and --batch must be >= 1 and --warmup >= 0")
+    settings = BenchSettings(
+        prompts=list(prompts) or ["a photo of a cat on a red background"],
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        batch=batch,
+        repeat=repeat,
+        warmup=warmup,
+    )
+    report = run_bench(
+        artifacts,
+        parse_configs([c for c in configs.split(",") if c], sampler, steps),
+        settings,
+        peers=tuple(p for p in peers.split(",") if p),
+        providers=providers.split(",") if providers else None,
+        progress=not quiet,
+    )
+    write_report(report, out)
+    click.echo(markdown(report))
+    click.echo(f"report: {out / 'report.md'}")
+
+
+@main.command("demo")
+@click.option("--out", default="effdiff-demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--steps", default=50, show_default=True, type=int)
+@click.option("--no-peers", is_flag=True, help="skip diffusers / DeepCache")
+@user_errors
+def demo_cmd(out: Path, steps: int, no_peers: bool) -> None:
+    """Export the bundled reference model, generate with each configuration, write a report folder."""
+    from effdiff.bench.demo import run_demo
+    from effdiff.bench.report import markdown
+
+    report, _ = run_demo(
+        out,
+        steps=steps,
+        peers=() if no_peers else ("diffusers", "deepcache"),
+        log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(markdown(report))
+    click.echo(f"report: {out / 'report' / 'report.md'}")

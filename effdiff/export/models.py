@@ -22,6 +22,8 @@ from effdiff.export.vocab import write_vocab_files
 # tiny-*: a few MB, for tests and demos. sd15-arch: SD1.5's published architecture with random
 # weights (860 M-parameter UNet), for speed and memory work only.
 BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "sd15-arch")
+# effdiff's trained reference model (scripts/train_reference.py), shipped as package data.
+REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "reference" / "model"
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 _SCHEDULER_FILES = ("scheduler_config.json",)
 
@@ -239,7 +241,15 @@ def model_family(unet_config: dict[str, Any]) -> str:
 
 def resolve_model(model: str) -> ModelSource:
     """Turn `--model` (a folder or a built-in name) into a checked ModelSource. Raises EffdiffError."""
-    path = builtin_folder(model) if model in BUILTIN_MODELS else Path(model).expanduser()
+    if model == "reference":
+        if not (REFERENCE_MODEL / "model_index.json").exists():
+            raise EffdiffError(
+                f"the reference model is not installed at {REFERENCE_MODEL}; "
+                "train it with scripts/train_reference.py"
+            )
+        path = REFERENCE_MODEL
+    else:
+        path = builtin_folder(model) if model in BUILTIN_MODELS else Path(model).expanduser()
     if not path.exists():
         hint = f" (built-in models: {', '.join(BUILTIN_MODELS)})"
         raise EffdiffError(f"model path {str(path)!r} does not exist{hint}")

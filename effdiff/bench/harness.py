@@ -1,0 +1,388 @@
+"""Measure configurations and peers side by side, on the same artifacts, prompts, seeds and steps.
+
+For each configuration: session load time, latency per component and end to end (median / p90 / min
+over timed runs after warm-up), per-step UNet time, peak host RSS (sampled every 5 ms), GPU memory
+through NVML when present, artifacts' size on disk, and quality against the `full` configuration
+(PSNR/SSIM; attribute adherence when the model is effdiff's reference model).
+Peers (diffusers in PyTorch, DeepCache on it) run in the same process with the same initial latents.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from effdiff.artifacts import read_manifest
+from effdiff.bench.memory import PeakRSS
+from effdiff.bench.quality import psnr, ssim
+from effdiff.errors import EffdiffError
+from effdiff.runtime.pipeline import COMPONENTS, Pipeline
+from effdiff.runtime.propagation import KeySchedule
+
+REPORT_SCHEMA = 1
+PEERS = ("diffusers", "deepcache")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One effdiff configuration. INT8 and retrieval start will add fields here."""
+
+    name: str
+    propagation: KeySchedule
+
+
+def fd_schedule(sampler: str, steps: int) -> KeySchedule:
+    """The encoder-propagation schedule the `fd` configuration uses for a sampler and step count."""
+    if sampler == "ddim" and steps == 50:
+        return KeySchedule.preset("fd-ddim50")
+    if sampler == "dpmpp-2m" and steps == 20:
+        return KeySchedule.preset("fd-dpm20")
+    return KeySchedule.uniform(3)
+
+
+def parse_configs(names: list[str], sampler: str, steps: int) -> list[BenchConfig]:
+    """`full`, `fd`, or `fd:SCHEDULE` (e.g. fd:uniform:4); INT8 and retrieval are refused until they exist."""
+    out = []
+    for name in names:
+        if name == "full":
+            out.append(BenchConfig("full", KeySchedule.none()))
+        elif name == "fd":
+            out.append(BenchConfig("fd", fd_schedule(sampler, steps)))
+        elif name.startswith("fd:"):
+            out.append(BenchConfig(name, KeySchedule.parse(name[3:])))
+        elif name in ("int8", "kb") or "+" in name:
+            raise EffdiffError(
+                f"configuration {name!r} needs INT8 / retrieval start, which this effdiff lacks yet"
+            )
+        else:
+            raise EffdiffError(f"unknown configuration {name!r}; use full, fd, fd:SCHEDULE")
+    if "full" not in [c.name for c in out]:
+        out.insert(0, BenchConfig("full", KeySchedule.none()))  # quality is measured against it
+    return out
+
+
+@dataclass
+class Stats:
+    median: float
+    p90: float
+    min: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stats:
+        v = sorted(values)
+        return cls(statistics.median(v), float(np.percentile(v, 90)), v[0])
+
+
+@dataclass
+class Row:
+    """One configuration or peer in the report."""
+
+    name: str
+    kind: str  # "effdiff" or "peer"
+    detail: str
+    load_s: float
+    end_to_end: Stats
+    components: dict[str, Stats] = field(default_factory=dict)
+    unet_per_step_s: float = 0.0
+    peak_rss_gib: float = 0.0
+    gpu_peak_mib: float | None = None
+    disk_mib: float | None = None
+    quality: dict[str, float] = field(default_factory=dict)
+
+
+class GpuMemory:
+    """Peak minus baseline GPU memory through NVML, sampled like host RSS; inert without NVML."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no NVML: nothing to measure
+            self._nvml = None
+        self.peak_mib: float | None = None
+
+    def used(self) -> float:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20 if self._nvml else 0.0
+
+    def measure(self, fn: Callable[[], Any]) -> Any:
+        if self._nvml is None:
+            return fn()
+        import threading
+
+        base, peak, stop = self.used(), [0.0], threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.002):
+                peak[0] = max(peak[0], self.used())
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        try:
+            return fn()
+        finally:
+            stop.set()
+            th.join()
+            self.peak_mib = max(peak[0], self.used()) - base
+
+
+@dataclass
+class BenchSettings:
+    prompts: list[str]
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    batch: int = 1
+    repeat: int = 3
+    warmup: int = 1
+    seed: int = 0
+    max_decoder_batch: int = 8
+
+
+@dataclass
+class BenchReport:
+    schema: int
+    device: dict[str, Any]
+    settings: dict[str, Any]
+    artifacts: str
+    model: str
+    rows: list[Row]
+    images: dict[str, list[Image.Image]] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "device": self.device,
+            "settings": self.settings,
+            "artifacts": self.artifacts,
+            "model": self.model,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+
+def _latents(pipe: Pipeline, settings: BenchSettings, height: int, width: int) -> np.ndarray:
+    g = pipe.geometry
+    rows = len(settings.prompts) * settings.batch
+    shape = (rows, g.latent_channels, height // g.vae_factor, width // g.vae_factor)
+    return np.random.default_rng(settings.seed).standard_normal(shape).astype(np.float32)
+
+
+def _disk_mib(artifacts: Path, graphs: tuple[str, ...], manifest: dict[str, Any]) -> float:
+    return (
+        sum(sum(manifest["graphs"][g]["files"].values()) for g in graphs if g in manifest["graphs"]) / 2**20
+    )
+
+
+def bench_effdiff(
+    artifacts: Path,
+    config: BenchConfig,
+    settings: BenchSettings,
+    latents: np.ndarray,
+    providers: list[str] | None,
+    progress: Callable[[], None],
+) -> tuple[Row, list[Image.Image]]:
+    manifest = read_manifest(artifacts)
+    gpu = GpuMemory()
+    start = time.perf_counter()
+    pipe = Pipeline.load(artifacts, providers=providers)
+    unet_graphs = ("unet_encoder", "unet_decoder") if config.propagation.propagates else ("unet",)
+    for g in unet_graphs:
+        pipe.open_session(g)  # session creation counts as load, not as the first run
+    load = time.perf_counter() - start
+    h, w = latents.shape[2] * pipe.geometry.vae_factor, latents.shape[3] * pipe.geometry.vae_factor
+
+    def once() -> Any:
+        return pipe(
+            settings.prompts,
+            steps=settings.steps,
+            sampler=settings.sampler,
+            guidance_scale=settings.guidance,
+            latents=latents,
+            height=h,
+            width=w,
+            num_images=settings.batch,
+            propagation=config.propagation,
+            max_decoder_batch=settings.max_decoder_batch,
+        )
+
+    for _ in range(settings.warmup):
+        once()
+        progress()
+    results = []
+    with PeakRSS() as mem:
+        for _ in range(settings.repeat):
+            results.append(gpu.measure(once))
+            progress()
+    comps = {
+        c: Stats.of([r.timings[c] for r in results])
+        for c in COMPONENTS
+        if any(r.timings[c] > 0 for r in results)
+    }
+    comps["overhead"] = Stats.of([r.timings["overhead"] for r in results])
+    unet = statistics.median(
+        sum(r.timings[c] for c in ("unet", "unet_encoder", "unet_decoder")) for r in results
+    )
+    graphs = ("text_encoder", *unet_graphs, "vae_decoder")
+    row = Row(
+        config.name,
+        "effdiff",
+        str(config.propagation),
+        load,
+        Stats.of([r.timings["total"] for r in results]),
+        comps,
+        unet / settings.steps,
+        mem.peak_gib,
+        gpu.peak_mib,
+        _disk_mib(artifacts, graphs, manifest),
+    )
+    images = results[-1].images
+    return row, images
+
+
+def bench_peer(
+    peer: str, source: Path, settings: BenchSettings, latents: np.ndarray, progress: Callable[[], None]
+) -> tuple[Row, list[Image.Image]] | None:
+    """diffusers' StableDiffusionPipeline in PyTorch, plain or with DeepCache; None when not importable."""
+    try:
+        import torch
+        from diffusers import (
+            DDIMScheduler,
+            DPMSolverMultistepScheduler,
+            EulerDiscreteScheduler,
+            StableDiffusionPipeline,
+        )
+    except ImportError:
+        return None
+    helper = None
+    if peer == "deepcache":
+        try:
+            from DeepCache import DeepCacheSDHelper
+        except ImportError:
+            return None
+    start = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, local_files_only=True)
+    cls = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+    pipe.scheduler = cls[settings.sampler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if peer == "deepcache":
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+    load = time.perf_counter() - start
+    h, w = latents.shape[2] * 8, latents.shape[3] * 8
+    h = pipe.vae_scale_factor * latents.shape[2]
+    w = pipe.vae_scale_factor * latents.shape[3]
+    gpu = GpuMemory()
+
+    def once() -> list[Image.Image]:
+        with torch.inference_mode():
+            return pipe(
+                settings.prompts,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                latents=torch.from_numpy(latents),
+                height=h,
+                width=w,
+                num_images_per_prompt=settings.batch,
+            ).images
+
+    for _ in range(settings.warmup):
+        once()
+        progress()
+    times, images = [], []
+    with PeakRSS() as mem:
+        for _ in range(settings.repeat):
+            t0 = time.perf_counter()
+            images = gpu.measure(once)
+            times.append(time.perf_counter() - t0)
+            progress()
+    detail = "StableDiffusionPipeline, PyTorch" + (", DeepCache interval 3 branch 0" if helper else "")
+    row = Row(
+        peer, "peer", detail, load, Stats.of(times), peak_rss_gib=mem.peak_gib, gpu_peak_mib=gpu.peak_mib
+    )
+    return row, images
+
+
+def _quality(images: list[Image.Image], reference: list[Image.Image]) -> dict[str, float]:
+    pairs = [(np.asarray(a), np.asarray(b)) for a, b in zip(images, reference, strict=True)]
+    return {
+        "psnr_db": float(np.mean([min(psnr(a, b), 99.0) for a, b in pairs])),
+        "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
+    }
+
+
+def run_bench(
+    artifacts: Path,
+    configs: list[BenchConfig],
+    settings: BenchSettings,
+    peers: tuple[str, ...] = (),
+    providers: list[str] | None = None,
+    scenes: list[Any] | None = None,
+    progress: bool = True,
+) -> BenchReport:
+    """Every configuration, then every peer, one at a time (one model in memory at a time)."""
+    from effdiff.bench.device import device_profile
+
+    artifacts = Path(artifacts)
+    manifest = read_manifest(artifacts)
+    for p in peers:
+        if p not in PEERS:
+            raise EffdiffError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")
+    probe = Pipeline.load(artifacts, providers=providers, lean=True)
+    h, w = probe.default_size()
+    h, w = settings.height or h, settings.width or w
+    latents = _latents(probe, settings, h, w)
+    del probe
+    runs = (settings.warmup + settings.repeat) * (len(configs) + len(peers))
+    bar = tqdm(total=runs, desc="bench", unit="run", disable=not progress)
+    rows, images = [], {}
+    for cfg in configs:
+        bar.set_postfix_str(cfg.name)
+        row, imgs = bench_effdiff(artifacts, cfg, settings, latents, providers, bar.update)
+        rows.append(row)
+        images[cfg.name] = imgs
+        gc.collect()  # the configuration's sessions go before the next one loads
+    for peer in peers:
+        bar.set_postfix_str(peer)
+        got = bench_peer(peer, Path(manifest["source"]["path"]), settings, latents, bar.update)
+        if got is None:
+            bar.update(settings.warmup + settings.repeat)
+            continue
+        rows.append(got[0])
+        images[peer] = got[1]
+    bar.close()
+    reference = images["full"]
+    classifier = None
+    if scenes is not None:
+        from effdiff.bench.quality import AttributeClassifier
+
+        classifier = AttributeClassifier()
+    for row in rows:
+        row.quality = _quality(images[row.name], reference)
+        if classifier is not None and scenes is not None:
+            adh = classifier.adherence(images[row.name], [s for s in scenes for _ in range(settings.batch)])
+            row.quality["adherence"] = adh.mean
+            row.quality.update({f"adherence_{k}": v for k, v in adh.per_attribute.items()})
+    settings_json = {**asdict(settings), "height": h, "width": w}
+    return BenchReport(
+        REPORT_SCHEMA,
+        device_profile(providers),
+        settings_json,
+        str(artifacts),
+        manifest["source"]["model"],
+        rows,
+        images,
+    )

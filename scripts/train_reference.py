@@ -1,0 +1,273 @@
+"""Train effdiff's reference text-to-image model on the procedural shapes dataset, on CPU or a GPU.
+
+Stable Diffusion's structure at small scale: a CLIP-style text encoder (our BPE tokenizer), a
+UNet2DConditionModel with cross-attention over three resolution levels, an AutoencoderKL (4x), and an
+SD1-style DDIM scheduler config. Phases: VAE -> encode a fixed image set -> UNet + text encoder.
+Checkpoints are written atomically every few hundred steps; running again resumes.
+
+  HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_reference.py --work runs/reference \
+      --out effdiff/reference/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from effdiff.bench.shapes import IMAGE_SIZE, all_scenes, render, sample_batch
+from effdiff.export.vocab import write_vocab_files
+
+PRETRAINED_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def build_models(vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, torch.nn.Module]:
+    import diffusers
+    import transformers
+
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+    text = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=128,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+    )
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+    return {"vae": vae, "text_encoder": text, "unet": unet}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train_vae(vae: torch.nn.Module, work: Path, steps: int, batch: int, device: str) -> None:
+    ckpt = work / "vae.pt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    rng = np.random.default_rng(1000 + start)
+    vae.train().to(device)
+    bar = tqdm(range(start, steps), desc="vae", initial=start, total=steps)
+    for step in bar:
+        x = torch.from_numpy(sample_batch(batch, rng)[0]).to(device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            save_checkpoint(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(
+    vae: torch.nn.Module, work: Path, per_scene: int, device: str
+) -> tuple[torch.Tensor, list[str], float]:
+    """Latents (posterior means) for `per_scene` jittered renders of every training scene."""
+    cache = work / "latents.pt"
+    if cache.exists():
+        state = torch.load(cache, weights_only=False)
+        return state["latents"], state["prompts"], state["scaling"]
+    rng = np.random.default_rng(7)
+    scenes = all_scenes(held_out=False) * per_scene
+    latents, prompts = [], []
+    for i in tqdm(range(0, len(scenes), 256), desc="encode"):
+        chunk = scenes[i : i + 256]
+        arr = np.stack([np.asarray(render(s, rng), dtype=np.float32) for s in chunk]).transpose(0, 3, 1, 2)
+        x = torch.from_numpy(arr / 127.5 - 1.0).float().to(device)
+        latents.append(vae.encode(x).latent_dist.mean.cpu())
+        prompts += [s.prompt for s in chunk]
+    lat = torch.cat(latents)
+    scaling = float(1.0 / lat.std())
+    save_checkpoint(cache, {"latents": lat, "prompts": prompts, "scaling": scaling})
+    return lat, prompts, scaling
+
+
+def train_unet(
+    models: dict,
+    tokenizer,
+    latents: torch.Tensor,
+    prompts: list[str],
+    scaling: float,
+    work: Path,
+    steps: int,
+    batch: int,
+    device: str,
+) -> torch.nn.Module:
+    import diffusers
+
+    unet, text = models["unet"].to(device).train(), models["text_encoder"].to(device).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2)
+    sched = diffusers.DDPMScheduler(
+        **{k: v for k, v in PRETRAINED_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")}
+    )
+    ckpt = work / "unet.pt"
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    ids_all = tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    gen = torch.Generator().manual_seed(start)
+    lat = latents * scaling
+    acp = sched.alphas_cumprod.to(device)
+    warmup = 300
+    bar = tqdm(range(start, steps), desc="unet", initial=start, total=steps)
+    for step in bar:
+        lr = 4e-4 * min(1.0, (step + 1) / warmup) * (0.5 * (1 + np.cos(np.pi * step / steps)) * 0.9 + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(lat), (batch,), generator=gen)
+        x0 = lat[idx].to(device)
+        ids = ids_all[idx].clone()
+        drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows for classifier-free guidance
+        ids[drop] = empty
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        ehs = text(ids.to(device))[0]
+        loss = F.mse_loss(unet(xt, t, ehs).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                pe.lerp_(p, 1 - decay)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            save_checkpoint(
+                ckpt,
+                {
+                    "unet": unet.state_dict(),
+                    "text": text.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step + 1,
+                },
+            )
+    text.eval().requires_grad_(False)
+    return ema
+
+
+def main() -> None:
+    import diffusers
+    import transformers
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("runs/reference"), help="checkpoints (resumable)")
+    parser.add_argument("--out", type=Path, default=Path("effdiff/reference/model"), help="diffusers folder")
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--per-scene", type=int, default=16, help="jittered renders per training scene")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    args.work.mkdir(parents=True, exist_ok=True)
+    vocab_dir = args.work / "vocab"
+    write_vocab_files(vocab_dir)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77)
+    models = build_models(
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    for name, m in models.items():
+        print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters")
+    start = time.time()
+    train_vae(models["vae"], args.work, args.vae_steps, 32, args.device)
+    latents, prompts, scaling = encode_dataset(models["vae"], args.work, args.per_scene, args.device)
+    print(f"latent scaling factor {scaling:.4f}; {len(prompts)} training images")
+    ema = train_unet(
+        models, tokenizer, latents, prompts, scaling, args.work, args.unet_steps, args.batch, args.device
+    )
+    vae = models["vae"].cpu()
+    vae.register_to_config(scaling_factor=scaling)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=models["text_encoder"].cpu(),
+        tokenizer=tokenizer,
+        unet=ema.cpu(),
+        scheduler=diffusers.DDIMScheduler(**PRETRAINED_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(args.out, ignore_errors=True)
+    os.replace(tmp, args.out)
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 2**20
+    print(f"saved {args.out} ({size:.1f} MiB) after {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Bench harness on a tiny model: configurations and peers in one run, report files, quality figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from effdiff.bench.device import describe, device_profile
+from effdiff.bench.harness import BenchSettings, parse_configs, run_bench
+from effdiff.bench.quality import frechet_distance, psnr, ssim
+from effdiff.bench.report import write_report
+from effdiff.errors import EffdiffError
+
+from .test_cli import assert_one_line_error, run
+
+
+def test_bench_configs_and_peers_side_by_side(sd1_artifacts: Path, tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    settings = BenchSettings(prompts=["a red circle", "a blue square"], steps=6, repeat=2, warmup=1)
+    configs = parse_configs(["fd:uniform:2"], "ddim", 6)
+    report = run_bench(sd1_artifacts, configs, settings, peers=("diffusers", "deepcache"), progress=False)
+    names = [r.name for r in report.rows]
+    assert names == ["full", "fd:uniform:2", "diffusers", "deepcache"]
+    full, fd = report.rows[0], report.rows[1]
+    assert full.quality["psnr_db"] == 99.0  # identical to itself (capped)
+    assert fd.components["unet_encoder"].median > 0 and "unet" not in fd.components
+    assert full.components["unet"].min <= full.components["unet"].median <= full.components["unet"].p90
+    assert fd.disk_mib and full.disk_mib and fd.peak_rss_gib > 0
+    # diffusers runs the same model from the same latents: its images match the whole-UNet path
+    assert report.rows[2].quality["psnr_db"] >= 40.0
+    written = write_report(report, tmp_path / "rep")
+    for name in (
+        "report.json",
+        "report.md",
+        "report.csv",
+        "latency.png",
+        "speed_quality.png",
+        "memory.png",
+        "grid_full.png",
+        "grid_diffusers.png",
+    ):
+        assert (tmp_path / "rep" / name) in written and (tmp_path / "rep" / name).stat().st_size > 0
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["schema"] == 1 and data["device"]["cpu"]["cores_logical"] >= 1
+    rows = list(csv.DictReader((tmp_path / "rep" / "report.csv").open()))
+    assert [r["config"] for r in rows] == names
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "target:" in md and "speed-up vs diffusers" in md
+    assert Image.open(tmp_path / "rep" / "grid_full.png").size == (128, 64)
+
+
+def test_bench_cli_and_bad_configs(sd1_artifacts: Path, tmp_path: Path) -> None:
+    proc = run(
+        "effdiff",
+        "bench",
+        "--artifacts",
+        str(sd1_artifacts),
+        "--configs",
+        "fd",
+        "--steps",
+        "4",
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "r" / "report.md").exists() and "| fd |" in proc.stdout
+    assert_one_line_error(
+        run(
+            "effdiff",
+            "bench",
+            "--artifacts",
+            str(sd1_artifacts),
+            "--configs",
+            "int8",
+            "--out",
+            str(tmp_path / "x"),
+        ),
+        "INT8",
+    )
+    with pytest.raises(EffdiffError, match="unknown configuration"):
+        parse_configs(["fast"], "ddim", 50)
+
+
+def test_quality_figures() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")
+    noisy = np.clip(a + rng.normal(0, 20, a.shape), 0, 255)
+    assert 0 < ssim(a, noisy) < 0.95 and 20 < psnr(a, noisy) < 30
+    x = rng.normal(size=(500, 8))
+    assert frechet_distance(x, rng.normal(size=(500, 8))) < 0.2
+    assert frechet_distance(x, rng.normal(2.0, 1.0, size=(500, 8))) == pytest.approx(32.0, rel=0.15)
+
+
+def test_device_profile() -> None:
+    profile = device_profile()
+    assert profile["cpu"]["cores_logical"] >= 1 and "CPUExecutionProvider" in profile["execution_providers"]
+    assert "onnxruntime" in describe(profile)
