@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--max-decoder-batch", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument(
+        "--schedules", default=",".join(SCHEDULES), help="none first: the others compare to it"
+    )
     args = parser.parse_args()
 
     pipe = Pipeline.load(args.artifacts, lean=True)
@@ -101,7 +104,8 @@ def main() -> None:
     pipe(PROMPT, steps=2, latents=latents, height=size, width=size)  # warm-up
     base_image = None
     base_unet = 0.0
-    for text in SCHEDULES:
+    schedules = args.schedules.split(",")
+    for text in schedules:
         schedule = KeySchedule.parse(text)
         res = pipe(
             PROMPT,
@@ -168,7 +172,7 @@ def main() -> None:
             f"{r['total_s']:.2f} | {quality} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"propagation_{args.artifacts.name}_{size}"
+    stem = f"propagation_{args.artifacts.name}_{size}_b{args.max_decoder_batch}"
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")  # kept even if the peer fails
     if not args.no_diffusers:
         import json
@@ -186,7 +190,7 @@ def main() -> None:
     print("\n" + report)
     (args.out / f"{stem}.md").write_text(report + "\n")
     image_grid(images).save(args.out / f"{stem}.png")
-    print(f"wrote {args.out / stem}.md and .png (columns: {', '.join(SCHEDULES)})")
+    print(f"wrote {args.out / stem}.md and .png (columns: {', '.join(schedules)})")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def export_onnx_cmd(
 @click.option(
     "--propagation", default="none", show_default=True, help="none, fd-ddim50, fd-dpm20, uniform:K or 0,1,2,5"
 )
-@click.option("--max-decoder-batch", default=8, show_default=True, type=int, help="decoder steps per batch")
+@click.option("--max-decoder-batch", type=int, help="decoder steps per batch (default: 8 on GPU, 1 on CPU)")
 @click.option(
     "--noise-alpha", default=0.003, show_default=True, type=float, help="prior noise injection; 0 = off"
 )
@@ -115,7 +115,7 @@ def generate_cmd(
     width: int | None,
     num_images: int,
     propagation: str,
-    max_decoder_batch: int,
+    max_decoder_batch: int | None,
     noise_alpha: float,
     noise_tau: float,
     lean: bool,

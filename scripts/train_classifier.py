@@ -10,6 +10,7 @@ judge, not the generator), with noise and blur so that it also reads imperfect g
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class AttributeNet(nn.Module):
         super().__init__()
         chans = (3, 32, 64, 96, 128)
         layers: list[nn.Module] = []
-        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
+        for cin, cout in itertools.pairwise(chans):
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(), nn.MaxPool2d(2)]
         self.body = nn.Sequential(*layers)  # 64 -> 4
         self.features = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 64), nn.SiLU())

@@ -99,6 +99,7 @@ def test_encoder_at_every_step_equals_whole_unet(pipe1: Pipeline) -> None:
 
 def test_parallel_decoding_equals_sequential(pipe1: Pipeline) -> None:
     kwargs = dict(steps=50, latents=unit_latents(), num_images=2, propagation="fd-ddim50")
+    assert pipe1.auto_decoder_batch() == 1  # CPU provider only here
     seq = pipe1("a blue square", max_decoder_batch=1, **kwargs)
     par = pipe1("a blue square", max_decoder_batch=4, **kwargs)
     assert seq.calls["unet_encoder"] == par.calls["unet_encoder"] == 9

@@ -149,7 +149,7 @@ class BenchSettings:
     repeat: int = 3
     warmup: int = 1
     seed: int = 0
-    max_decoder_batch: int = 8
+    max_decoder_batch: int | None = None  # None: the pipeline's choice for the device
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from effdiff.artifacts import check_complete, graph_path, manifest_specs, read_manifest
 from effdiff.bench.memory import PeakRSS
 from effdiff.errors import EffdiffError
-from effdiff.runtime.backend import OrtGraph
+from effdiff.runtime.backend import OrtGraph, default_providers
 from effdiff.runtime.propagation import DEFAULT_INJECTION, KeySchedule, NoiseInjection
 from effdiff.runtime.schedulers import make_scheduler
 from effdiff.runtime.tokenizer import PromptTokenizer
@@ -130,6 +130,12 @@ class Pipeline:
 
     # ------------------------------------------------------------ generation
 
+    def auto_decoder_batch(self) -> int:
+        """Decoder steps per batch when the caller does not say: batching pays on GPUs; on CPU the
+        per-row cost rises with batch (measured: 0.71 -> 0.89 s per step at 8 steps, SD1.5 arch)."""
+        providers = self.providers or default_providers()
+        return 8 if any(p in providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")) else 1
+
     def default_size(self) -> tuple[int, int]:
         size = self.manifest["export_size"]
         f = self.geometry.vae_factor
@@ -148,7 +154,7 @@ class Pipeline:
         width: int | None = None,
         num_images: int = 1,
         propagation: KeySchedule | str = "none",
-        max_decoder_batch: int = 8,
+        max_decoder_batch: int | None = None,
         noise_injection: NoiseInjection | None = DEFAULT_INJECTION,
         vae_tile: int | None = None,
         progress: bool = False,
@@ -169,6 +175,8 @@ class Pipeline:
         lat_shape = (batch, geom.latent_channels, height // geom.vae_factor, width // geom.vae_factor)
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(steps)
+        if max_decoder_batch is None:
+            max_decoder_batch = self.auto_decoder_batch()
         groups = schedule.groups(steps, max_decoder_batch)  # validates key steps against `steps`
         keys = frozenset(schedule.key_steps(steps))
         # `latents` are unit-variance noise, scaled by the sampler's initial sigma as diffusers does.
