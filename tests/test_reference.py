@@ -1,0 +1,82 @@
+"""The shipped reference model and attribute classifier, the procedural dataset, and `effdiff demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from effdiff.bench.quality import CLASSIFIER, AttributeClassifier
+from effdiff.bench.shapes import HELD_OUT, Scene, all_scenes, render, sample_batch
+from effdiff.export.models import REFERENCE_MODEL, resolve_model
+
+from .test_cli import run
+
+
+def test_dataset_is_deterministic_and_holds_out_pairs() -> None:
+    a, scenes_a = sample_batch(8, np.random.default_rng(3))
+    b, scenes_b = sample_batch(8, np.random.default_rng(3))
+    np.testing.assert_array_equal(a, b)
+    assert scenes_a == scenes_b and a.shape == (8, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    train, held = all_scenes(held_out=False), all_scenes(held_out=True)
+    assert not any((s.kind, s.colour) in HELD_OUT for s in train)
+    assert {(s.kind, s.colour) for s in held} == set(HELD_OUT)
+    scene = Scene("triangle", "red", "small", "top left", "gray")
+    assert scene.prompt == "a small red triangle at the top left on a gray background"
+
+
+def test_classifier_reads_real_renders() -> None:
+    clf = AttributeClassifier(CLASSIFIER)
+    scenes = all_scenes()[::7]
+    images = [render(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
+    adh = clf.adherence(images, scenes)
+    assert min(adh.per_attribute.values()) >= 0.97, adh.per_attribute
+
+
+def test_reference_model_ships_as_a_diffusers_pipeline() -> None:
+    source = resolve_model("reference")
+    assert source.path == REFERENCE_MODEL and source.family == "sd1"
+    assert len(source.unet_config["block_out_channels"]) >= 3
+    assert "CrossAttnDownBlock2D" in source.unet_config["down_block_types"]
+    size = sum(f.stat().st_size for f in REFERENCE_MODEL.rglob("*") if f.is_file())
+    size += CLASSIFIER.stat().st_size
+    assert size <= 40 * 2**20, f"reference weights are {size / 2**20:.1f} MiB"
+    index = json.loads((REFERENCE_MODEL / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_demo_writes_report(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = run("effdiff", "demo", "--out", str(out), "--steps", "10", "--no-peers")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report" / "report.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names[:2] == ["full", "fd"]
+    for row in report["rows"]:
+        assert 0.0 <= row["quality"]["adherence"] <= 1.0
+    for name in (
+        "report.md",
+        "report.csv",
+        "latency.png",
+        "speed_quality.png",
+        "memory.png",
+        "grid_full.png",
+    ):
+        assert (out / "report" / name).stat().st_size > 0
+    assert (out / "artifacts" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_reference_model_adheres_to_prompts(tmp_path: Path) -> None:
+    """The figure README quotes comes from benchmarks/reference_quality.py; this is a smaller check."""
+    from effdiff.export.onnx import export_onnx
+    from effdiff.runtime.pipeline import Pipeline
+
+    export_onnx("reference", tmp_path / "a", progress=False)
+    pipe = Pipeline.load(tmp_path / "a")
+    scenes = all_scenes(held_out=False)[::25]
+    images = pipe([s.prompt for s in scenes], steps=50, guidance_scale=5.0, seed=0).images
+    adh = AttributeClassifier().adherence(images, scenes)
+    assert adh.per_attribute["colour"] >= 0.8 and adh.per_attribute["kind"] >= 0.8, adh.per_attribute
