@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from effdiff.bench.shapes import IMAGE_SIZE, all_scenes, render, sample_batch
+from effdiff.export.models import text_config, vae_config
 from effdiff.export.vocab import write_vocab_files
 
 PRETRAINED_SCHEDULER = dict(
@@ -42,31 +43,9 @@ def build_models(vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, tor
     import diffusers
     import transformers
 
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=IMAGE_SIZE,
-    )
+    vae = diffusers.AutoencoderKL(**vae_config((32, 64, 64), 1, 16, IMAGE_SIZE))
     text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=128,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
+        transformers.CLIPTextConfig(**text_config(vocab_size, 128, 3, 4, 512, "quick_gelu", bos, eos, pad))
     )
     unet = diffusers.UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4,

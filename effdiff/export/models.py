@@ -59,6 +59,55 @@ def folder_hash(path: Path) -> str:
 # ---------------------------------------------------------------- built-in tiny models
 
 
+def text_config(
+    vocab_size: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    act: str,
+    bos: int,
+    eos: int,
+    pad: int,
+) -> dict[str, Any]:
+    """A CLIPTextConfig's arguments: 77 positions, as every SD text encoder."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=hidden,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+
+
+def vae_config(
+    channels: tuple[int, ...],
+    layers_per_block: int,
+    norm_groups: int,
+    sample_size: int,
+    scaling_factor: float = 0.18215,
+) -> dict[str, Any]:
+    """An AutoencoderKL's arguments: RGB, 4 latent channels, 2^(levels-1) downsampling."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_groups,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+    )
+
+
 def _builtin_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, dict[str, Any]]:
     """UNet/VAE/text/scheduler configs: tiny ones with SD1.x or SD2.x structure, or SD1.5's own."""
     scheduler = dict(
@@ -81,28 +130,9 @@ def _builtin_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -
             cross_attention_dim=768,
             attention_head_dim=8,
         )
-        vae = dict(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text = dict(
-            vocab_size=49408,  # CLIP ViT-L/14's; our small tokenizer uses the first ids only
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
+        vae = vae_config((128, 256, 512, 512), 2, 32, 512)
+        # CLIP ViT-L/14's vocabulary size; our small tokenizer uses the first ids only
+        text = text_config(49408, 768, 12, 12, 3072, "quick_gelu", bos, eos, pad)
         return {"unet": unet, "vae": vae, "text": text, "scheduler": scheduler}
     sd2 = name == "tiny-sd2"
     hidden = 64 if sd2 else 32
@@ -121,31 +151,8 @@ def _builtin_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -
         use_linear_projection=sd2,
         upcast_attention=sd2,
     )
-    vae = dict(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="gelu" if sd2 else "quick_gelu",
-        projection_dim=hidden,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
+    vae = vae_config((8, 16, 16, 16), 1, 8, 64)
+    text = text_config(vocab_size, hidden, 2, 4, hidden * 2, "gelu" if sd2 else "quick_gelu", bos, eos, pad)
     return {"unet": unet, "vae": vae, "text": text, "scheduler": scheduler}
 
 
