@@ -18,6 +18,7 @@ _EXTRAS = {
     "pynvml": "gpu",
     "deepcache": "dev",
     "matplotlib": "bench",
+    "torchmetrics": "bench",
 }
 
 

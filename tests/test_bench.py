@@ -106,3 +106,49 @@ def test_device_profile() -> None:
     profile = device_profile()
     assert profile["cpu"]["cores_logical"] >= 1 and "CPUExecutionProvider" in profile["execution_providers"]
     assert "onnxruntime" in describe(profile)
+
+
+def test_clip_score_with_a_local_tiny_clip(tmp_path: Path, sd1_folder: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from effdiff.bench.standard_metrics import clip_score, fid_and_is
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=667,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=665,
+            eos_token_id=666,
+            pad_token_id=666,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    folder = tmp_path / "tiny-clip"
+    transformers.CLIPModel(config).save_pretrained(folder)
+    processor = transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(sd1_folder / "tokenizer", model_max_length=77),
+    )
+    processor.save_pretrained(folder)
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    value = clip_score(images, ["a red circle", "a blue square"], folder)
+    assert np.isfinite(value) and value >= 0.0
+    with pytest.raises(EffdiffError, match="local CLIP model folder"):
+        clip_score(images, ["a", "b"], tmp_path / "absent")
+    with pytest.raises(EffdiffError, match="Inception weights stored locally"):
+        fid_and_is(images, images, tmp_path / "absent.pth")
