@@ -216,8 +216,15 @@ def bench_cmd(
 
     if repeat < 1 or warmup < 0 or batch < 1:
         raise EffdiffError("--repeat and --batch must be >= 1 and --warmup >= 0")
+    from effdiff.artifacts import read_manifest
+    from effdiff.bench.demo import DEMO_SCENES
+
+    # On the reference model with no prompts given: the demo's scenes, with adherence scored too.
+    on_reference = read_manifest(artifacts)["source"]["model"] == "reference"
+    scenes = list(DEMO_SCENES) if on_reference and not prompts else None
+    default_prompts = [s.prompt for s in scenes] if scenes else ["a photo of a cat on a red background"]
     settings = BenchSettings(
-        prompts=list(prompts) or ["a photo of a cat on a red background"],
+        prompts=list(prompts) or default_prompts,
         sampler=sampler,
         steps=steps,
         guidance=guidance,
@@ -233,6 +240,7 @@ def bench_cmd(
         settings,
         peers=tuple(p for p in peers.split(",") if p),
         providers=providers.split(",") if providers else None,
+        scenes=scenes,
         progress=not quiet,
     )
     write_report(report, out)

@@ -68,3 +68,18 @@ def test_interrupted_export_resumes(
     redone = {r.graph for r in report.results if not r.skipped}
     assert redone == {"vae_decoder", "chain"}
     assert read_manifest(out)["passed"] is True
+
+
+def test_beyond_tolerance_exits_nonzero_and_keeps_artifacts(
+    sd2_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "strict"
+    shutil.copytree(sd2_artifacts, out)
+    # An impossible tolerance: the chain check (always re-run) must fail, loudly, keeping everything.
+    monkeypatch.setattr(exporter.Precision, "tolerance", property(lambda self: 0.0))
+    with pytest.raises(exporter.ValidationFailed, match="NO"):
+        exporter.export_onnx("tiny-sd2", out, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["passed"] is False
+    assert all((out / f"{g}.onnx").exists() for g in manifest["graphs"])
+    assert all(c["tolerance"] == 0.0 for c in manifest["chain_validation"])

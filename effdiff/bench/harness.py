@@ -100,24 +100,36 @@ class Row:
 
 
 class GpuMemory:
-    """Peak minus baseline GPU memory through NVML, sampled like host RSS; inert without NVML."""
+    """Peak minus baseline device memory, sampled every 2 ms: through NVML on discrete GPUs; on Jetson
+    (unified memory, no NVML memory figures) the system's used memory from /proc/meminfo stands for it.
+    Inert where neither applies."""
 
     def __init__(self) -> None:
-        try:
-            import pynvml
+        from effdiff.bench.device import is_jetson
 
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        except Exception:  # no NVML: nothing to measure
-            self._nvml = None
+        self._nvml = None
+        self._jetson = is_jetson()
+        if not self._jetson:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                self._nvml = pynvml
+            except Exception:  # no NVML library, driver or GPU: nothing to measure
+                self._nvml = None
         self.peak_mib: float | None = None
 
     def used(self) -> float:
+        if self._jetson:
+            import psutil
+
+            mem = psutil.virtual_memory()  # reads /proc/meminfo
+            return (mem.total - mem.available) / 2**20
         return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20 if self._nvml else 0.0
 
     def measure(self, fn: Callable[[], Any]) -> Any:
-        if self._nvml is None:
+        if self._nvml is None and not self._jetson:
             return fn()
         import threading
 
