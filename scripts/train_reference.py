@@ -95,6 +95,40 @@ def train_vae(vae: torch.nn.Module, work: Path, steps: int, batch: int, device: 
     vae.eval().requires_grad_(False)
 
 
+def refine_vae_decoder(vae: torch.nn.Module, work: Path, steps: int, batch: int, device: str) -> None:
+    """Sharpen colours and edges by training the decoder alone: the encoder is frozen, so the latents
+    the UNet learns from do not change."""
+    ckpt = work / "vae_decoder.pt"
+    decoder = [vae.decoder, vae.post_quant_conv]
+    params = [p for m in decoder for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    rng = np.random.default_rng(5000 + start)
+    vae.to(device).eval()
+    for m in decoder:
+        m.train().requires_grad_(True)
+    bar = tqdm(range(start, steps), desc="vae decoder", initial=start, total=steps)
+    for step in bar:
+        x = torch.from_numpy(sample_batch(batch, rng)[0]).to(device)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            save_checkpoint(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    vae.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_dataset(
     vae: torch.nn.Module, work: Path, per_scene: int, device: str
@@ -207,6 +241,14 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--decoder-steps", type=int, default=800, help="VAE decoder refinement (encoder frozen)"
+    )
+    parser.add_argument(
+        "--phases",
+        default="vae,decoder,unet,save",
+        help="which phases to run; each resumes from its checkpoint",
+    )
     parser.add_argument("--per-scene", type=int, default=16, help="jittered renders per training scene")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -221,8 +263,13 @@ def main() -> None:
     for name, m in models.items():
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters")
     start = time.time()
+    phases = set(args.phases.split(","))
     train_vae(models["vae"], args.work, args.vae_steps, 32, args.device)
     latents, prompts, scaling = encode_dataset(models["vae"], args.work, args.per_scene, args.device)
+    if "decoder" in phases:
+        refine_vae_decoder(models["vae"], args.work, args.decoder_steps, 32, args.device)
+    if "unet" not in phases:
+        return
     print(f"latent scaling factor {scaling:.4f}; {len(prompts)} training images")
     ema = train_unet(
         models, tokenizer, latents, prompts, scaling, args.work, args.unet_steps, args.batch, args.device

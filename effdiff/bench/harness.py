@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from PIL import Image
 from tqdm import tqdm
 
@@ -93,7 +94,8 @@ class Row:
     end_to_end: Stats
     components: dict[str, Stats] = field(default_factory=dict)
     unet_per_step_s: float = 0.0
-    peak_rss_gib: float = 0.0
+    peak_rss_gib: float = 0.0  # the process's peak during the timed runs
+    rss_added_gib: float = 0.0  # that peak minus the process's RSS before this row loaded its model
     gpu_peak_mib: float | None = None
     disk_mib: float | None = None
     quality: dict[str, float] = field(default_factory=dict)
@@ -208,6 +210,7 @@ def bench_effdiff(
 ) -> tuple[Row, list[Image.Image]]:
     manifest = read_manifest(artifacts)
     gpu = GpuMemory()
+    base_rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
     pipe = Pipeline.load(artifacts, providers=providers)
     unet_graphs = ("unet_encoder", "unet_decoder") if config.propagation.propagates else ("unet",)
@@ -259,6 +262,7 @@ def bench_effdiff(
         mem.peak_gib,
         gpu.peak_mib,
         _disk_mib(artifacts, graphs, manifest),
+        rss_added_gib=(mem.peak_bytes - base_rss) / 2**30,
     )
     images = results[-1].images
     return row, images
@@ -284,6 +288,7 @@ def bench_peer(
             from DeepCache import DeepCacheSDHelper
         except ImportError:
             return None
+    base_rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, local_files_only=True)
     cls = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
@@ -294,7 +299,6 @@ def bench_peer(
         helper.set_params(cache_interval=3, cache_branch_id=0)
         helper.enable()
     load = time.perf_counter() - start
-    h, w = latents.shape[2] * 8, latents.shape[3] * 8
     h = pipe.vae_scale_factor * latents.shape[2]
     w = pipe.vae_scale_factor * latents.shape[3]
     gpu = GpuMemory()
@@ -323,7 +327,14 @@ def bench_peer(
             progress()
     detail = "StableDiffusionPipeline, PyTorch" + (", DeepCache interval 3 branch 0" if helper else "")
     row = Row(
-        peer, "peer", detail, load, Stats.of(times), peak_rss_gib=mem.peak_gib, gpu_peak_mib=gpu.peak_mib
+        peer,
+        "peer",
+        detail,
+        load,
+        Stats.of(times),
+        peak_rss_gib=mem.peak_gib,
+        gpu_peak_mib=gpu.peak_mib,
+        rss_added_gib=(mem.peak_bytes - base_rss) / 2**30,
     )
     return row, images
 
