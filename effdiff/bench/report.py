@@ -78,7 +78,7 @@ def markdown(report: BenchReport) -> str:
         f"- {target_line(report)}",
         "",
         f"| config | detail | end-to-end s (median / p90 / min) | speed-up vs {base} | UNet s/step | "
-        "load s | peak RSS GiB | GPU MiB | disk MiB | PSNR dB vs full | SSIM | adherence |",
+        "load s | peak RSS GiB (added) | GPU MiB | disk MiB | PSNR dB vs full | SSIM | adherence |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.rows:
@@ -86,7 +86,7 @@ def markdown(report: BenchReport) -> str:
         q = r.quality
         lines.append(
             f"| {r.name} | {r.detail} | {e.median:.2f} / {e.p90:.2f} / {e.min:.2f} | {speed[r.name]:.2f}x | "
-            f"{_fmt(r.unet_per_step_s or None, '.4f')} | {r.load_s:.1f} | {r.peak_rss_gib:.2f} | "
+            f"{_fmt(r.unet_per_step_s or None, '.4f')} | {r.load_s:.1f} | {r.peak_rss_gib:.2f} ({r.rss_added_gib:.2f}) | "
             f"{_fmt(r.gpu_peak_mib, '.0f')} | {_fmt(r.disk_mib, '.0f')} | {_fmt(q.get('psnr_db'), '.1f')} | "
             f"{_fmt(q.get('ssim'), '.3f')} | {_fmt(q.get('adherence'), '.3f')} |"
         )
@@ -128,6 +128,7 @@ def csv_text(report: BenchReport) -> str:
             "unet_per_step_s",
             "load_s",
             "peak_rss_gib",
+            "rss_added_gib",
             "gpu_peak_mib",
             "disk_mib",
             *[f"{c}_s" for c in comps],
@@ -146,6 +147,7 @@ def csv_text(report: BenchReport) -> str:
                 r.unet_per_step_s,
                 r.load_s,
                 r.peak_rss_gib,
+                r.rss_added_gib,
                 r.gpu_peak_mib,
                 r.disk_mib,
                 *[r.components[c].median if c in r.components else "" for c in comps],
@@ -193,8 +195,10 @@ def _plots(report: BenchReport, out: Path) -> list[Path]:
     written.append(_save(fig, out / "speed_quality.png", plt))
 
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(names, [r.peak_rss_gib for r in rows])
-    ax.set_ylabel("peak host RSS (GiB)")
+    ax.bar(names, [r.peak_rss_gib for r in rows], label="process peak")
+    ax.bar(names, [r.rss_added_gib for r in rows], label="added by this row")
+    ax.set_ylabel("host RSS (GiB)")
+    ax.legend(fontsize=7)
     ax.set_title("Peak memory")
     written.append(_save(fig, out / "memory.png", plt))
     return written
