@@ -86,7 +86,8 @@ def markdown(report: BenchReport) -> str:
         q = r.quality
         lines.append(
             f"| {r.name} | {r.detail} | {e.median:.2f} / {e.p90:.2f} / {e.min:.2f} | {speed[r.name]:.2f}x | "
-            f"{_fmt(r.unet_per_step_s or None, '.4f')} | {r.load_s:.1f} | {r.peak_rss_gib:.2f} ({r.rss_added_gib:.2f}) | "
+            f"{_fmt(r.unet_per_step_s or None, '.4f')} | {r.load_s:.1f} | "
+            f"{r.peak_rss_gib:.2f} ({r.rss_added_gib:.2f}) | "
             f"{_fmt(r.gpu_peak_mib, '.0f')} | {_fmt(r.disk_mib, '.0f')} | {_fmt(q.get('psnr_db'), '.1f')} | "
             f"{_fmt(q.get('ssim'), '.3f')} | {_fmt(q.get('adherence'), '.3f')} |"
         )
