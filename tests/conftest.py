@@ -57,3 +57,13 @@ def sd2_artifacts(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(params=["sd1", "sd2"])
 def artifacts(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(f"{request.param}_artifacts")
+
+
+@pytest.fixture(scope="session")
+def reference_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped reference model, exported once."""
+    from effdiff.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("artifacts") / "reference"
+    export_onnx("reference", out, progress=False)
+    return out

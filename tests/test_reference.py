@@ -69,13 +69,11 @@ def test_demo_writes_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_reference_model_adheres_to_prompts(tmp_path: Path) -> None:
+def test_reference_model_adheres_to_prompts(reference_artifacts: Path) -> None:
     """The figure README quotes comes from benchmarks/reference_quality.py; this is a smaller check."""
-    from effdiff.export.onnx import export_onnx
     from effdiff.runtime.pipeline import Pipeline
 
-    export_onnx("reference", tmp_path / "a", progress=False)
-    pipe = Pipeline.load(tmp_path / "a")
+    pipe = Pipeline.load(reference_artifacts)
     scenes = all_scenes(held_out=False)[::25]
     images = pipe([s.prompt for s in scenes], steps=50, guidance_scale=5.0, seed=0).images
     adh = AttributeClassifier().adherence(images, scenes)
