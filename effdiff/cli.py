@@ -126,11 +126,15 @@ def generate_cmd(
     """Text to image from exported artifacts (numpy + onnxruntime only)."""
     from effdiff.runtime.pipeline import Pipeline, save_image
     from effdiff.runtime.propagation import KeySchedule, NoiseInjection
+    from effdiff.runtime.schedulers import SAMPLERS
 
     if out.suffix.lower() != ".png":
         raise EffdiffError(f"--out must be a .png file, got {out}")
     check_writable(out)
     schedule = KeySchedule.parse(propagation)
+    schedule.key_steps(steps)  # cheap checks before sessions load: steps, key steps, sampler
+    if sampler not in SAMPLERS:
+        raise EffdiffError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     pipe = Pipeline.load(artifacts, providers=providers.split(",") if providers else None, lean=lean)
     result = pipe(
         prompt,

@@ -24,19 +24,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from effdiff.bench.shapes import IMAGE_SIZE, all_scenes, render, sample_batch
-from effdiff.export.models import text_config, vae_config
+from effdiff.export.models import sd_scheduler_config, text_config, vae_config
 from effdiff.export.vocab import write_vocab_files
 
-PRETRAINED_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+PRETRAINED_SCHEDULER = sd_scheduler_config()
 
 
 def build_models(vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, torch.nn.Module]:

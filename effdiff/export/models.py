@@ -108,9 +108,9 @@ def vae_config(
     )
 
 
-def _builtin_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, dict[str, Any]]:
-    """UNet/VAE/text/scheduler configs: tiny ones with SD1.x or SD2.x structure, or SD1.5's own."""
-    scheduler = dict(
+def sd_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
+    """The DDIM config Stable Diffusion ships: scaled-linear betas 0.00085..0.012, steps offset 1."""
+    return dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -118,8 +118,13 @@ def _builtin_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="v_prediction" if name == "tiny-sd2" else "epsilon",
+        prediction_type=prediction_type,
     )
+
+
+def _builtin_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, dict[str, Any]]:
+    """UNet/VAE/text/scheduler configs: tiny ones with SD1.x or SD2.x structure, or SD1.5's own."""
+    scheduler = sd_scheduler_config("v_prediction" if name == "tiny-sd2" else "epsilon")
     if name == "sd15-arch":
         unet = dict(
             sample_size=64,

@@ -86,6 +86,8 @@ class KeySchedule:
 
     def key_steps(self, num_steps: int) -> tuple[int, ...]:
         """Sorted key-step indices for a run of `num_steps`; EffdiffError when they do not fit it."""
+        if num_steps < 1:
+            raise EffdiffError(f"steps must be >= 1, got {num_steps}")
         if self.kind in ("none",):
             return tuple(range(num_steps))
         if self.kind == "uniform":
