@@ -96,7 +96,9 @@ def test_quality_figures() -> None:
     a = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
     assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")
     noisy = np.clip(a + rng.normal(0, 20, a.shape), 0, 255)
-    assert 0 < ssim(a, noisy) < 0.95 and 20 < psnr(a, noisy) < 30
+    noisier = np.clip(a + rng.normal(0, 60, a.shape), 0, 255)
+    assert 1.0 > ssim(a, noisy) > ssim(a, noisier) > 0 and ssim(a, 255 - a) < 0
+    assert 20 < psnr(a, noisy) < 30
     x = rng.normal(size=(500, 8))
     assert frechet_distance(x, rng.normal(size=(500, 8))) < 0.2
     assert frechet_distance(x, rng.normal(2.0, 1.0, size=(500, 8))) == pytest.approx(32.0, rel=0.15)

@@ -258,11 +258,11 @@ def bench_effdiff(
         load,
         Stats.of([r.timings["total"] for r in results]),
         comps,
-        unet / settings.steps,
-        mem.peak_gib,
-        gpu.peak_mib,
-        _disk_mib(artifacts, graphs, manifest),
+        unet_per_step_s=unet / settings.steps,
+        peak_rss_gib=mem.peak_gib,
         rss_added_gib=(mem.peak_bytes - base_rss) / 2**30,
+        gpu_peak_mib=gpu.peak_mib,
+        disk_mib=_disk_mib(artifacts, graphs, manifest),
     )
     images = results[-1].images
     return row, images

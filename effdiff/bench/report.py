@@ -220,9 +220,10 @@ def write_report(report: BenchReport, out: Path) -> list[Path]:
             tmp.write_text(text)
     written = [out / "report.json", out / "report.md", out / "report.csv"]
     for name, images in report.images.items():
-        with atomic_path(out / f"grid_{name}.png") as tmp:
+        path = out / f"grid_{name.replace(':', '-')}.png"  # no ':' in file names (Windows, URLs)
+        with atomic_path(path) as tmp:
             image_grid(images).save(tmp, format="PNG")
-        written.append(out / f"grid_{name}.png")
+        written.append(path)
     return written + _plots(report, out)
 
 
