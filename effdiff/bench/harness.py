@@ -10,6 +10,7 @@ Peers (diffusers in PyTorch, DeepCache on it) run in the same process with the s
 from __future__ import annotations
 
 import gc
+import warnings
 import statistics
 import time
 from collections.abc import Callable
@@ -294,6 +295,9 @@ def bench_peer(
     cls = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
     pipe.scheduler = cls[settings.sampler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    limit = pipe.text_encoder.config.max_position_embeddings
+    if pipe.tokenizer.model_max_length > limit:  # folders saved without it overflow in diffusers
+        pipe.tokenizer.model_max_length = limit
     if peer == "deepcache":
         helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=3, cache_branch_id=0)
@@ -380,7 +384,11 @@ def run_bench(
         gc.collect()  # the configuration's sessions go before the next one loads
     for peer in peers:
         bar.set_postfix_str(peer)
-        got = bench_peer(peer, Path(manifest["source"]["path"]), settings, latents, bar.update)
+        try:
+            got = bench_peer(peer, Path(manifest["source"]["path"]), settings, latents, bar.update)
+        except Exception as exc:  # a peer's own failure must not cost the user the rest of the report
+            warnings.warn(f"peer {peer} failed and is left out: {type(exc).__name__}: {exc}", stacklevel=2)
+            got = None
         if got is None:
             bar.update(settings.warmup + settings.repeat)
             continue
