@@ -65,6 +65,18 @@ def loss_and_acc(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss, correct / len(HEADS)
 
 
+def strip_source_paths(path: Path) -> None:
+    """The exporter records source locations (this machine's paths) in node metadata; drop them."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("effdiff/reference/classifier.onnx"))
@@ -100,6 +112,7 @@ def main() -> None:
         dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
         external_data=False,
     )
+    strip_source_paths(tmp)
     os.replace(tmp, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB); heads: {HEADS}")
 

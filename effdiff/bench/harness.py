@@ -10,9 +10,9 @@ Peers (diffusers in PyTorch, DeepCache on it) run in the same process with the s
 from __future__ import annotations
 
 import gc
-import warnings
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
