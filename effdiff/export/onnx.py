@@ -36,6 +36,7 @@ from effdiff.artifacts import (
     write_manifest,
 )
 from effdiff.bench.memory import PeakRSS
+from effdiff.bench.quality import relative_l2
 from effdiff.errors import EffdiffError, ValidationFailed
 from effdiff.export.models import ModelSource, load_component, resolve_model
 from effdiff.runtime.backend import OrtGraph
@@ -142,9 +143,8 @@ def compare(
         want = want.astype(np.float64)
         if got.shape != want.shape:
             raise EffdiffError(f"{graph} output {name} has shape {got.shape}, PyTorch gives {want.shape}")
-        diff = got - want
-        rel = float(np.linalg.norm(diff) / max(np.linalg.norm(want), 1e-12))
-        out.append(Comparison(graph, case, name, float(np.abs(diff).max()), rel, tol))
+        max_abs = float(np.abs(got - want).max())
+        out.append(Comparison(graph, case, name, max_abs, relative_l2(got, want), tol))
     return out
 
 
