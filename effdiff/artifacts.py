@@ -57,6 +57,20 @@ def new_manifest() -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "effdiff_version": __version__, "graphs": {}}
 
 
+def read_json(path: Path, fix: str = "") -> dict[str, Any]:
+    """A JSON object from `path`; EffdiffError naming the file (and `fix`, if given) when absent or broken."""
+    hint = f"; {fix}" if fix else ""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EffdiffError(f"{path} is missing{hint}") from None
+    except json.JSONDecodeError as exc:
+        raise EffdiffError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}){hint}") from None
+    if not isinstance(data, dict):
+        raise EffdiffError(f"{path} holds a JSON {type(data).__name__}, not an object{hint}")
+    return data
+
+
 def read_manifest(artifacts: Path) -> dict[str, Any]:
     """Read and check a manifest; EffdiffError with a fix when missing or from an incompatible version."""
     path = Path(artifacts) / MANIFEST
@@ -66,10 +80,7 @@ def read_manifest(artifacts: Path) -> dict[str, Any]:
         )
     if not path.exists():
         raise EffdiffError(f"{path} is missing: {artifacts} is not an effdiff artifacts folder")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EffdiffError(f"{path} is not valid JSON ({exc.msg}); re-run the export") from exc
+    manifest = read_json(path, "re-run the export")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise EffdiffError(

@@ -219,3 +219,6 @@ def test_generate_bad_inputs(sd1_artifacts: Path, tmp_path: Path) -> None:
     (old / "manifest.json").write_text(json.dumps(manifest))
     (old / "unet.onnx").unlink()
     assert_one_line_error(run(*base, "--artifacts", str(old), *o), "unet.onnx is missing")
+    shutil.copy(sd1_artifacts / "unet.onnx", old / "unet.onnx")
+    (old / "scheduler_config.json").write_text('{"beta_schedule": ')
+    assert_one_line_error(run(*base, "--artifacts", str(old), *o), "scheduler_config.json is not valid JSON")

@@ -16,8 +16,16 @@ SD1 = {
     "set_alpha_to_one": False,
     "clip_sample": False,
 }
+# the reference model's schedule
+DDPM_LINEAR = {
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "v_prediction",
+}
 CONFIGS = [
     ("ddim", SD1, 50),
+    ("ddim", {**SD1, **DDPM_LINEAR}, 50),
     ("ddim", {**SD1, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 20),
     (
         "ddim",
@@ -31,6 +39,7 @@ CONFIGS = [
     ),
     ("ddim", {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample", "clip_sample": False}, 7),
     ("dpmpp-2m", SD1, 20),
+    ("dpmpp-2m", {**SD1, **DDPM_LINEAR}, 20),
     ("dpmpp-2m", {**SD1, "prediction_type": "v_prediction", "timestep_spacing": "leading"}, 10),
     (
         "dpmpp-2m",
@@ -39,6 +48,7 @@ CONFIGS = [
     ),
     ("dpmpp-2m", {**SD1, "solver_order": 1, "lower_order_final": False}, 8),
     ("euler", SD1, 30),
+    ("euler", {**SD1, **DDPM_LINEAR}, 20),
     ("euler", {**SD1, "prediction_type": "v_prediction", "timestep_spacing": "leading"}, 15),
     ("euler", {**SD1, "timestep_spacing": "trailing"}, 12),
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from effdiff._deps import require
+from effdiff.artifacts import read_json
 from effdiff.errors import EffdiffError
 from effdiff.export.vocab import write_vocab_files
 
@@ -215,15 +215,6 @@ def builtin_folder(name: str) -> Path:
 # ---------------------------------------------------------------- loading and checks
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise EffdiffError(f"{path} is missing") from exc
-    except json.JSONDecodeError as exc:
-        raise EffdiffError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-
-
 def check_unet_supported(config: dict[str, Any]) -> None:
     """Refuse UNets whose forward needs inputs the encoder/decoder split does not carry."""
     cls = config.get("_class_name", "UNet2DConditionModel")
@@ -271,15 +262,15 @@ def resolve_model(model: str) -> ModelSource:
         if (path / "config.json").exists() and (path / "diffusion_pytorch_model.safetensors").exists():
             raise EffdiffError(f"{path} holds a single model, not a pipeline; pass the folder above it")
         raise EffdiffError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    index = _read_json(path / "model_index.json")
+    index = read_json(path / "model_index.json")
     missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (path / c).is_dir()]
     if missing:
         raise EffdiffError(f"{path} lacks pipeline component(s): {', '.join(missing)}")
-    unet_cfg = _read_json(path / "unet" / "config.json")
+    unet_cfg = read_json(path / "unet" / "config.json")
     check_unet_supported(unet_cfg)
     if "controlnet" in index:
         raise EffdiffError(f"{path} is a ControlNet pipeline; ControlNet inputs are not supported yet")
-    sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
+    sched_cfg = read_json(path / "scheduler" / "scheduler_config.json")
     tok_dir = path / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "vocab.json").exists():
         raise EffdiffError(f"{tok_dir} has neither tokenizer.json nor vocab.json + merges.txt")
@@ -289,8 +280,8 @@ def resolve_model(model: str) -> ModelSource:
         family=model_family(unet_cfg),
         prediction_type=sched_cfg.get("prediction_type", "epsilon"),
         unet_config=unet_cfg,
-        vae_config=_read_json(path / "vae" / "config.json"),
-        text_config=_read_json(path / "text_encoder" / "config.json"),
+        vae_config=read_json(path / "vae" / "config.json"),
+        text_config=read_json(path / "text_encoder" / "config.json"),
         scheduler_config=sched_cfg,
     )
 

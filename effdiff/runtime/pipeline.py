@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from effdiff.artifacts import check_complete, graph_path, manifest_specs, read_manifest
+from effdiff.artifacts import check_complete, graph_path, manifest_specs, read_json, read_manifest
 from effdiff.bench.memory import PeakRSS
 from effdiff.errors import EffdiffError
 from effdiff.runtime.backend import OrtGraph, default_providers
@@ -74,7 +74,7 @@ class Pipeline:
         self.tokenizer = PromptTokenizer(
             self.artifacts / tok["file"], tok["max_length"], tok["pad_id"], tok["eos_id"]
         )
-        self.scheduler_config = _read_scheduler_config(self.artifacts / manifest["scheduler_config"])
+        self.scheduler_config = read_json(self.artifacts / manifest["scheduler_config"], "re-run the export")
         self._sessions: dict[str, OrtGraph] = {}
 
     @classmethod
@@ -328,14 +328,3 @@ def tiled_decode(
             out[sl] += part.astype(np.float32) * wgt
             weight[sl] += wgt
     return out / weight
-
-
-def _read_scheduler_config(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EffdiffError(f"{path} is missing; re-run the export") from None
-    except json.JSONDecodeError as exc:
-        raise EffdiffError(f"{path} is not valid JSON ({exc.msg}); re-run the export") from exc
