@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument(
-        "--decoder-steps", type=int, default=800, help="VAE decoder refinement (encoder frozen)"
+        "--decoder-steps", type=int, default=1600, help="VAE decoder refinement (encoder frozen)"
     )
     parser.add_argument(
         "--phases",
