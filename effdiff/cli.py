@@ -126,15 +126,14 @@ def generate_cmd(
     """Text to image from exported artifacts (numpy + onnxruntime only)."""
     from effdiff.runtime.pipeline import Pipeline, save_image
     from effdiff.runtime.propagation import KeySchedule, NoiseInjection
-    from effdiff.runtime.schedulers import SAMPLERS
+    from effdiff.runtime.schedulers import sampler_class
 
     if out.suffix.lower() != ".png":
         raise EffdiffError(f"--out must be a .png file, got {out}")
     check_writable(out)
     schedule = KeySchedule.parse(propagation)
     schedule.key_steps(steps)  # cheap checks before sessions load: steps, key steps, sampler
-    if sampler not in SAMPLERS:
-        raise EffdiffError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    sampler_class(sampler)
     pipe = Pipeline.load(artifacts, providers=providers.split(",") if providers else None, lean=lean)
     result = pipe(
         prompt,

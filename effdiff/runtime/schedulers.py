@@ -346,10 +346,14 @@ _CLASSES: dict[str, type[Scheduler]] = {
 }
 
 
-def make_scheduler(sampler: str, config: dict[str, Any]) -> Scheduler:
-    """A sampler by name, configured from the exported scheduler config."""
+def sampler_class(sampler: str) -> type[Scheduler]:
+    """The scheduler class of a sampler name; EffdiffError listing the choices when unknown."""
     try:
-        cls = _CLASSES[sampler]
+        return _CLASSES[sampler]
     except KeyError:
         raise EffdiffError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}") from None
-    return cls(config)
+
+
+def make_scheduler(sampler: str, config: dict[str, Any]) -> Scheduler:
+    """A sampler by name, configured from the exported scheduler config."""
+    return sampler_class(sampler)(config)
