@@ -1,8 +1,9 @@
 """Train effdiff's reference text-to-image model on the procedural shapes dataset, on CPU or a GPU.
 
 Stable Diffusion's structure at small scale: a CLIP-style text encoder (our BPE tokenizer), a
-UNet2DConditionModel with cross-attention over three resolution levels, an AutoencoderKL (4x), and an
-SD1-style DDIM scheduler config. Phases: VAE -> encode a fixed image set -> UNet + text encoder.
+UNet2DConditionModel with cross-attention over three resolution levels, an AutoencoderKL (4x), and a
+DDIM scheduler config (DDPM linear betas, v-prediction; see REFERENCE_SCHEDULER). Phases: VAE -> encode
+a fixed image set -> VAE decoder refinement (encoder frozen) -> UNet + text encoder -> save.
 Checkpoints are written atomically every few hundred steps; running again resumes.
 
   HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_reference.py --work runs/reference \
@@ -205,9 +206,10 @@ def train_unet(
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
         a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        signal, sigma = a.sqrt(), (1 - a).sqrt()
+        xt = signal * x0 + sigma * noise
         ehs = text(ids.to(device))[0]
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+        target = signal * noise - sigma * x0  # v
         snr = a / (1 - a)
         weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1)
         loss = (weight * (unet(xt, t, ehs).sample - target).pow(2)).mean()

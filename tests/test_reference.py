@@ -77,8 +77,8 @@ def test_reference_model_adheres_to_prompts(reference_artifacts: Path) -> None:
     scenes = all_scenes(held_out=False)[::25]
     images = pipe([s.prompt for s in scenes], steps=50, guidance_scale=5.0, seed=0).images
     adh = AttributeClassifier().adherence(images, scenes)
-    # 24 prompts: looser than the 192-prompt figures in README (kind 0.98, colour 0.89, background 1.00);
-    # position is not asserted: the shipped model does not follow it yet
+    # 24 prompts (measured: kind, size, background 1.00, colour 0.96), so bounds below the 192-prompt
+    # figures in README; position is not asserted: the shipped model does not follow it yet
     per = adh.per_attribute
-    assert per["kind"] >= 0.85 and per["size"] >= 0.9 and per["background"] >= 0.9, per
-    assert per["colour"] >= 0.7, per
+    assert per["kind"] >= 0.9 and per["size"] >= 0.9 and per["background"] >= 0.9, per
+    assert per["colour"] >= 0.8, per
