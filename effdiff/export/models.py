@@ -169,13 +169,13 @@ def save_builtin(name: str, folder: Path, seed: int = 0) -> Path:
     diffusers = require("diffusers")
     transformers = require("transformers")
 
-    vocab_dir = Path(tempfile.mkdtemp(prefix="effdiff-vocab-"))
-    write_vocab_files(vocab_dir)
     # SD2 pads with "!" (id of the byte symbol), SD1 with end-of-text, as the real tokenizers do.
     pad_token = "!" if name == "tiny-sd2" else "<|endoftext|>"
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(
-        vocab_dir, pad_token=pad_token, model_max_length=77
-    )
+    with tempfile.TemporaryDirectory(prefix="effdiff-vocab-") as vocab_dir:
+        write_vocab_files(Path(vocab_dir))
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(
+            vocab_dir, pad_token=pad_token, model_max_length=77
+        )
     cfg = _builtin_configs(
         name, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     )
