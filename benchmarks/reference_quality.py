@@ -2,6 +2,8 @@
 held-out, the domain Frechet distance to real renders, and a sample grid (prompts x seeds).
 
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_quality.py            # about 3 minutes, 2 cores
+  ... --guidance 2,3,4,5,6    # a sweep: rows per guidance scale; the grid uses the first
+  ... --seed 5000             # another draw of the starting noise
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from effdiff.bench.demo import DEMO_SCENES, REFERENCE_GUIDANCE
 from effdiff.bench.quality import AttributeClassifier, frechet_distance
 from effdiff.bench.shapes import all_scenes, render
 from effdiff.export.onnx import export_onnx
@@ -35,12 +38,25 @@ def generate(
     return images
 
 
+def guidance_list(text: str) -> list[float]:
+    try:
+        return [float(g) for g in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts/reference"))
     parser.add_argument("--count", type=int, default=192, help="held-in scenes scored")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument(
+        "--guidance",
+        type=guidance_list,
+        default=[REFERENCE_GUIDANCE],
+        help="guidance scale, or a comma-separated sweep",
+    )
+    parser.add_argument("--seed", type=int, default=1000, help="seed of the first chunk of images")
     parser.add_argument("--propagation", default="none")
     parser.add_argument("--grid", type=Path, default=Path("docs/reference_grid.png"))
     args = parser.parse_args()
@@ -50,25 +66,27 @@ def main() -> None:
     rng = np.random.default_rng(0)
     held_in = [all_scenes(held_out=False)[i] for i in rng.choice(600, args.count, replace=False)]
     held_out = all_scenes(held_out=True)
-    print(f"DDIM {args.steps} steps, guidance {args.guidance}, propagation {args.propagation}")
-    print("| split | images | kind | colour | size | position | background | mean | domain FD |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, scenes in (("held-in", held_in), ("held-out", held_out)):
-        images = generate(pipe, scenes, 1000, args.steps, args.guidance, args.propagation)
-        adh = clf.adherence(images, scenes)
-        real = [render(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
-        fd = frechet_distance(clf.run(images)[1].astype(np.float64), clf.run(real)[1].astype(np.float64))
-        per = adh.per_attribute
-        print(
-            f"| {name} | {adh.count} | {per['kind']:.3f} | {per['colour']:.3f} | {per['size']:.3f} | "
-            f"{per['position']:.3f} | {per['background']:.3f} | {adh.mean:.3f} | {fd:.2f} |"
-        )
+    guidances = args.guidance
+    print(f"DDIM {args.steps} steps, propagation {args.propagation}, seed {args.seed}")
+    print("| guidance | split | images | kind | colour | size | position | background | mean | domain FD |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for guidance in guidances:
+        for name, scenes in (("held-in", held_in), ("held-out", held_out)):
+            images = generate(pipe, scenes, args.seed, args.steps, guidance, args.propagation)
+            adh = clf.adherence(images, scenes)
+            real = [render(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
+            fd = frechet_distance(clf.run(images)[1].astype(np.float64), clf.run(real)[1].astype(np.float64))
+            per = adh.per_attribute
+            print(
+                f"| {guidance:g} | {name} | {adh.count} | {per['kind']:.3f} | {per['colour']:.3f} | "
+                f"{per['size']:.3f} | {per['position']:.3f} | {per['background']:.3f} | {adh.mean:.3f} | "
+                f"{fd:.2f} |",
+                flush=True,
+            )
     # sample grid: rows = prompts (4 held-in, 2 held-out), columns = seeds
-    from effdiff.bench.demo import DEMO_SCENES
-
     rows = []
     for scene in DEMO_SCENES:
-        res = pipe(scene.prompt, steps=args.steps, guidance_scale=args.guidance, num_images=4, seed=7)
+        res = pipe(scene.prompt, steps=args.steps, guidance_scale=guidances[0], num_images=4, seed=7)
         rows += res.images
     grid = image_grid(rows, cols=4)
     grid = grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST)
