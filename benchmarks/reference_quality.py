@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from effdiff.bench.demo import DEMO_SCENES, REFERENCE_GUIDANCE
-from effdiff.bench.quality import AttributeClassifier, frechet_distance
+from effdiff.bench.quality import Adherence, AttributeClassifier, frechet_distance
 from effdiff.bench.shapes import all_scenes, render
 from effdiff.export.onnx import export_onnx
 from effdiff.runtime.pipeline import Pipeline, image_grid
@@ -66,16 +66,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     held_in = [all_scenes(held_out=False)[i] for i in rng.choice(600, args.count, replace=False)]
     held_out = all_scenes(held_out=True)
-    guidances = args.guidance
     print(f"DDIM {args.steps} steps, propagation {args.propagation}, seed {args.seed}")
     print("| guidance | split | images | kind | colour | size | position | background | mean | domain FD |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for guidance in guidances:
+    for guidance in args.guidance:
         for name, scenes in (("held-in", held_in), ("held-out", held_out)):
             images = generate(pipe, scenes, args.seed, args.steps, guidance, args.propagation)
-            adh = clf.adherence(images, scenes)
+            preds, feats = clf.run(images)
+            adh = Adherence.of(preds, scenes)
             real = [render(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
-            fd = frechet_distance(clf.run(images)[1].astype(np.float64), clf.run(real)[1].astype(np.float64))
+            fd = frechet_distance(feats.astype(np.float64), clf.run(real)[1].astype(np.float64))
             per = adh.per_attribute
             print(
                 f"| {guidance:g} | {name} | {adh.count} | {per['kind']:.3f} | {per['colour']:.3f} | "
@@ -86,7 +86,7 @@ def main() -> None:
     # sample grid: rows = prompts (4 held-in, 2 held-out), columns = seeds
     rows = []
     for scene in DEMO_SCENES:
-        res = pipe(scene.prompt, steps=args.steps, guidance_scale=guidances[0], num_images=4, seed=7)
+        res = pipe(scene.prompt, steps=args.steps, guidance_scale=args.guidance[0], num_images=4, seed=7)
         rows += res.images
     grid = image_grid(rows, cols=4)
     grid = grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from effdiff.bench.quality import AttributeClassifier
+from effdiff.bench.quality import Adherence, AttributeClassifier
 from effdiff.bench.shapes import BACKGROUNDS, COLOURS, KINDS, Scene, all_scenes, render
 from effdiff.export.models import REFERENCE_MODEL
 
@@ -56,16 +56,15 @@ def main() -> None:
         z = encode(vae, real)
         rec = torch.cat([vae.decode(c).sample for c in z.split(100)]).clamp(-1, 1)
     rec_u8 = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
-    clf = AttributeClassifier()
-    adh = clf.adherence([Image.fromarray(r) for r in rec_u8], scenes)
+    preds = AttributeClassifier().run([Image.fromarray(r) for r in rec_u8])[0]
+    adh = Adherence.of(preds, scenes)
     print(f"round trip of {adh.count} training renders:")
     print("| " + " | ".join(adh.per_attribute) + " |")
     print("|" + "---|" * len(adh.per_attribute))
     print("| " + " | ".join(f"{v:.3f}" for v in adh.per_attribute.values()) + " |")
     colours = list(COLOURS)
-    preds = clf.run([Image.fromarray(r) for r in rec_u8])[0]["colour"]
     misses = Counter(
-        (s.colour, colours[p]) for s, p in zip(scenes, preds, strict=True) if colours[p] != s.colour
+        (s.colour, colours[p]) for s, p in zip(scenes, preds["colour"], strict=True) if colours[p] != s.colour
     )
     print(
         "colour misses: "

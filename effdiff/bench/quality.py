@@ -71,6 +71,16 @@ class Adherence:
     def mean(self) -> float:
         return float(np.mean(list(self.per_attribute.values())))
 
+    @classmethod
+    def of(cls, preds: dict[str, np.ndarray], scenes: list[Scene]) -> Adherence:
+        """Score `AttributeClassifier.run` predictions against the scenes the prompts described."""
+        truth = [s.labels() for s in scenes]
+        per = {
+            name: float(np.mean([p == t[name] for p, t in zip(preds[name], truth, strict=True)]))
+            for name in ATTRIBUTES
+        }
+        return cls(per, len(scenes))
+
 
 class AttributeClassifier:
     """The reference model's judge: an ONNX CNN with one head per scene attribute and a feature output."""
@@ -96,10 +106,4 @@ class AttributeClassifier:
         return preds, feats
 
     def adherence(self, images: list[Image.Image], scenes: list[Scene]) -> Adherence:
-        preds, _ = self.run(images)
-        truth = [s.labels() for s in scenes]
-        per = {
-            name: float(np.mean([p == t[name] for p, t in zip(preds[name], truth, strict=True)]))
-            for name in ATTRIBUTES
-        }
-        return Adherence(per, len(images))
+        return Adherence.of(self.run(images)[0], scenes)
