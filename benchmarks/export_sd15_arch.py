@@ -33,8 +33,8 @@ def main() -> None:
         f"{'graph':<14} {'export+validate s':>18} {'peak RSS GiB':>13} {'size MiB':>9} {'worst rel L2':>13}"
     )
     for res in report.results:
-        rec = report.manifest["graphs"].get(res.graph, {})
-        size = sum(rec.get("files", {}).values()) / 2**20
+        variant = report.manifest.variants(res.graph).get("fp32")
+        size = variant.size_bytes / 2**20 if variant else 0.0
         worst = max(c.rel_l2 for c in res.comparisons)
         print(f"{res.graph:<14} {res.seconds:>18.1f} {res.peak_rss_gib:>13.2f} {size:>9.0f} {worst:>13.2e}")
     print(

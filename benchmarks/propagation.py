@@ -22,17 +22,17 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from effdiff.artifacts import graph_path
-from effdiff.bench.quality import psnr
-from effdiff.runtime.backend import OrtGraph
-from effdiff.runtime.pipeline import Pipeline, image_grid
+from effdiff.compare import psnr
+from effdiff.runtime.backends import Graph
+from effdiff.runtime.images import image_grid
+from effdiff.runtime.pipeline import Pipeline
 from effdiff.runtime.propagation import KeySchedule
 
 SCHEDULES = ("none", "fd-ddim50", "uniform:2", "uniform:3", "uniform:4", "uniform:5")
 PROMPT = "a photo of a cat on a red background"
 
 
-def median_call(graph: OrtGraph, feeds: dict[str, np.ndarray], repeat: int = 3) -> float:
+def median_call(graph: Graph, feeds: dict[str, np.ndarray], repeat: int = 3) -> float:
     graph.run(feeds)  # warm-up
     times = []
     for _ in range(repeat):
@@ -49,7 +49,7 @@ def isolated_call_times(pipe: Pipeline, rows: int, h: int, w: int) -> tuple[floa
     features: dict[str, np.ndarray] = {}
     for name in ("unet", "unet_encoder", "unet_decoder"):
         spec = pipe.specs[name]
-        graph = OrtGraph(graph_path(pipe.artifacts, name), spec)
+        graph = pipe.backend.open(pipe.artifacts / pipe.variants[name].file, spec)
         feeds = spec.sample_inputs(rows, h, w, rng, timesteps=np.full(rows, 501.0))
         if name == "unet_encoder":
             features = graph.run(feeds)
@@ -175,10 +175,10 @@ def main() -> None:
     stem = f"propagation_{args.artifacts.name}_{size}_b{args.max_decoder_batch}"
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")  # kept even if the peer fails
     if not args.no_diffusers:
-        import json
+        from effdiff.artifacts import Manifest
 
-        manifest = json.loads((args.artifacts / "manifest.json").read_text())
-        seconds, ref_image = diffusers_seconds(Path(manifest["source"]["path"]), args.steps, size, latents)
+        source = Path(Manifest.read(args.artifacts).source.path)
+        seconds, ref_image = diffusers_seconds(source, args.steps, size, latents)
         ours = rows[0]["total_s"]
         lines += [
             "",

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from effdiff.bench.demo import DEMO_SCENES, REFERENCE_GUIDANCE
-from effdiff.bench.quality import Adherence, AttributeClassifier, frechet_distance
-from effdiff.bench.shapes import all_scenes, render
 from effdiff.export.onnx import export_onnx
-from effdiff.runtime.pipeline import Pipeline, image_grid
+from effdiff.reference.dataset import render
+from effdiff.reference.judge import Adherence, AttributeClassifier, frechet_distance
+from effdiff.reference.scenes import DEMO_SCENES, REFERENCE_GUIDANCE, held_in_scenes, held_out_scenes
+from effdiff.runtime.images import image_grid
+from effdiff.runtime.pipeline import Pipeline
 
 
 def generate(
@@ -63,9 +64,8 @@ def main() -> None:
     export_onnx("reference", args.artifacts, progress=False)
     pipe = Pipeline.load(args.artifacts)
     clf = AttributeClassifier()
-    rng = np.random.default_rng(0)
-    held_in = [all_scenes(held_out=False)[i] for i in rng.choice(600, args.count, replace=False)]
-    held_out = all_scenes(held_out=True)
+    held_in = held_in_scenes(args.count)
+    held_out = held_out_scenes()
     print(f"DDIM {args.steps} steps, propagation {args.propagation}, seed {args.seed}")
     print("| guidance | split | images | kind | colour | size | position | background | mean | domain FD |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from effdiff.bench.quality import Adherence, AttributeClassifier
-from effdiff.bench.shapes import BACKGROUNDS, COLOURS, KINDS, Scene, all_scenes, render
-from effdiff.export.models import REFERENCE_MODEL
+from effdiff.reference import MODEL_DIR as REFERENCE_MODEL
+from effdiff.reference.dataset import BACKGROUNDS, COLOURS, KINDS, Scene, all_scenes, render
+from effdiff.reference.judge import Adherence, AttributeClassifier
 
 
 def load_vae(checkpoint: Path | None) -> torch.nn.Module:

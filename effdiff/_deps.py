@@ -7,6 +7,7 @@ from types import ModuleType
 
 # module -> extra that provides it
 _EXTRAS = {
+    "onnxruntime": "cpu",
     "torch": "export",
     "diffusers": "export",
     "transformers": "export",
@@ -34,4 +35,6 @@ def require(module: str) -> ModuleType:
         top = module.split(".")[0]
         extra = _EXTRAS.get(top)
         hint = f"pip install 'effdiff[{extra}]'" if extra else f"pip install {top}"
+        if top == "onnxruntime":
+            hint += " (CPU), or 'effdiff[gpu]' on a CUDA machine"
         raise MissingDependency(f"{module} is needed for this command but is not installed: {hint}") from exc

@@ -1,30 +1,48 @@
-"""The artifacts folder: one place that names its files, writes them atomically and reads the manifest."""
+"""The artifacts folder: the typed manifest, the one function that names files, atomic writes.
+
+Layout of a folder (schema 2):
+  manifest.json                     this file's `Manifest`, written last by every writer
+  tokenizer/tokenizer.json          scheduler_config.json
+  GRAPH.onnx                        the fp32 variant of each graph (GRAPH.onnx.data beside big ones)
+  GRAPH.VARIANT.onnx                other variants: GRAPH.fp16.onnx, GRAPH.int8.onnx ...
+Every file the runtime relies on is recorded with its size and sha256.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from effdiff import __version__
+from effdiff.compare import Comparison
 from effdiff.errors import EffdiffError
-from effdiff.specs import GRAPHS, Geometry, GraphSpec, build_specs
+from effdiff.specs import GRAPHS, Geometry, GraphSpec, Precision, build_specs
 
 # Bumped when the manifest or a graph interface changes in a way older runtimes cannot read.
-SCHEMA_VERSION = 1
+# 2: graph variants with checksums; the decoder takes `rows` = steps x batch timesteps.
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = f"{TOKENIZER_DIR}/tokenizer.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
+REEXPORT = "re-export it with `effdiff-export onnx --model MODEL --out {folder}`"
 
 
-def graph_path(artifacts: Path, graph: str) -> Path:
+def variant_file(graph: str, variant: str, suffix: str = ".onnx") -> str:
+    """File name of a graph variant: `unet.onnx` for fp32 ONNX, `unet.int8.onnx` and so on otherwise."""
     if graph not in GRAPHS:
         raise ValueError(f"unknown graph {graph!r}")
-    return artifacts / f"{graph}.onnx"
+    return f"{graph}{suffix}" if variant == Precision.FP32.value else f"{graph}.{variant}{suffix}"
+
+
+# ---------------------------------------------------------------- atomic writes and hashes
 
 
 @contextlib.contextmanager
@@ -49,14 +67,6 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_manifest(artifacts: Path, manifest: dict[str, Any]) -> None:
-    write_json(artifacts / MANIFEST, manifest)
-
-
-def new_manifest() -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "effdiff_version": __version__, "graphs": {}}
-
-
 def read_json(path: Path, fix: str = "") -> dict[str, Any]:
     """A JSON object from `path`; EffdiffError naming the file (and `fix`, if given) when absent or broken."""
     hint = f"; {fix}" if fix else ""
@@ -64,47 +74,313 @@ def read_json(path: Path, fix: str = "") -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise EffdiffError(f"{path} is missing{hint}") from None
-    except json.JSONDecodeError as exc:
-        raise EffdiffError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}){hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise EffdiffError(f"{path} is not valid JSON{where}{hint}") from None
+    except OSError as exc:
+        raise EffdiffError(f"cannot read {path}: {exc.strerror}{hint}") from None
     if not isinstance(data, dict):
         raise EffdiffError(f"{path} holds a JSON {type(data).__name__}, not an object{hint}")
     return data
 
 
-def read_manifest(artifacts: Path) -> dict[str, Any]:
-    """Read and check a manifest; EffdiffError with a fix when missing or from an incompatible version."""
-    path = Path(artifacts) / MANIFEST
-    if not Path(artifacts).is_dir():
-        raise EffdiffError(
-            f"artifacts folder {str(artifacts)!r} does not exist; run `effdiff-export onnx` first"
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> FileRecord:
+        return cls(Path(path).stat().st_size, sha256_file(path))
+
+
+def _files_json(files: dict[str, FileRecord]) -> dict[str, Any]:
+    return {name: {"size": r.size, "sha256": r.sha256} for name, r in files.items()}
+
+
+def _files_from(data: dict[str, Any]) -> dict[str, FileRecord]:
+    return {name: FileRecord(int(r["size"]), str(r["sha256"])) for name, r in data.items()}
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+@dataclass
+class Variant:
+    """One way to run a graph: an fp32/fp16/int8 ONNX file, later a TensorRT engine or CoreML package."""
+
+    name: str  # key in its graph's `variants`: "fp32", "fp16", "int8", ...
+    precision: Precision
+    file: str  # the file a backend opens
+    files: dict[str, FileRecord]  # every file it relies on (the graph and its external data)
+    format: str = "onnx"
+    validation: list[Comparison] = field(default_factory=list)
+    recipe_key: str = ""  # what produced it; an export or quantization with the same key reuses it
+    stats: dict[str, float] = field(default_factory=dict)  # seconds, peak RSS of its creation
+    meta: dict[str, Any] = field(default_factory=dict)  # format-specific (calibration, engine target)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.validation)
+
+    @property
+    def float_dtype(self) -> str:
+        return self.precision.float_dtype
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(r.size for r in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision.value,
+            "format": self.format,
+            "file": self.file,
+            "files": _files_json(self.files),
+            "passed": self.passed,
+            "validation": [c.to_json() for c in self.validation],
+            "recipe_key": self.recipe_key,
+            "stats": self.stats,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> Variant:
+        return cls(
+            name=name,
+            precision=Precision(data["precision"]),
+            file=data["file"],
+            files=_files_from(data["files"]),
+            format=data.get("format", "onnx"),
+            validation=[Comparison.from_json(c) for c in data.get("validation", [])],
+            recipe_key=data.get("recipe_key", ""),
+            stats=dict(data.get("stats", {})),
+            meta=dict(data.get("meta", {})),
         )
-    if not path.exists():
-        raise EffdiffError(f"{path} is missing: {artifacts} is not an effdiff artifacts folder")
-    manifest = read_json(path, "re-run the export")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise EffdiffError(
-            f"{path} has schema version {version!r} (written by effdiff {manifest.get('effdiff_version')}); "
-            f"this effdiff {__version__} reads version {SCHEMA_VERSION}: re-export the model"
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    file: str
+    max_length: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    model: str  # what the user passed: a folder or a built-in name
+    path: str
+    content_hash: str
+
+
+@dataclass
+class Manifest:
+    """What an artifacts folder holds and how it was made. `Manifest.read` checks the schema."""
+
+    source: SourceInfo
+    family: str
+    prediction_type: str
+    geometry: Geometry
+    export_size: tuple[int, int]  # latent (height, width) the graphs were validated at
+    tokenizer: TokenizerInfo
+    recipe: dict[str, Any]  # opset and validation size of the export
+    support_files: dict[str, FileRecord] = field(default_factory=dict)  # tokenizer, scheduler config
+    graphs: dict[str, dict[str, Variant]] = field(default_factory=dict)  # graph -> variant name -> Variant
+    chain_validation: dict[str, list[Comparison]] = field(default_factory=dict)  # float variant -> checks
+    schema_version: int = SCHEMA_VERSION
+    effdiff_version: str = __version__
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def passed(self) -> bool:
+        variants = all(v.passed for vs in self.graphs.values() for v in vs.values())
+        return variants and all(c.passed for cs in self.chain_validation.values() for c in cs)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.source.model == "reference"
+
+    def specs(self, precision: Precision | str = Precision.FP32) -> dict[str, GraphSpec]:
+        """The graph specs at a precision's float dtype (INT8 graphs keep float32 inputs and outputs)."""
+        dtype = Precision.parse(precision).float_dtype
+        return build_specs(self.geometry, dtype, self.tokenizer.vocab_size)
+
+    def spec(self, graph: str, variant: Variant) -> GraphSpec:
+        return self.specs(variant.precision)[graph]
+
+    def variants(self, graph: str) -> dict[str, Variant]:
+        return self.graphs.get(graph, {})
+
+    def variant(self, graph: str, name: str) -> Variant:
+        """A graph's variant by name; EffdiffError naming what exists and how to make it when absent."""
+        found = self.variants(graph)
+        if name in found:
+            return found[name]
+        have = ", ".join(found) or "none"
+        how = {
+            "int8": "run `effdiff-export int8 --artifacts DIR`",
+            "fp16": "run `effdiff-export onnx --precision fp16` into this folder",
+        }.get(name, "re-run the export")
+        raise EffdiffError(f"{graph} has no {name} variant in this folder (it has: {have}); {how}")
+
+    def choose(self, graph: str, precision: Precision | str) -> Variant:
+        """The variant a pipeline at `precision` runs for `graph`: the same precision when the folder
+        has it; else, for graphs that have no INT8 form (text encoder, VAE), the best float variant."""
+        want = Precision.parse(precision)
+        found = self.variants(graph)
+        if want.value in found:
+            return found[want.value]
+        if want is Precision.INT8 and graph not in ("unet_encoder", "unet_decoder", "unet"):
+            for fallback in (Precision.FP32, Precision.FP16):
+                if fallback.value in found:
+                    return found[fallback.value]
+        return self.variant(graph, want.value)
+
+    def default_precision(self) -> Precision:
+        """fp32 when every graph has it, else fp16 (an fp16-only export)."""
+        fp32 = all(Precision.FP32.value in self.variants(g) for g in GRAPHS if g in self.graphs)
+        return Precision.FP32 if fp32 else Precision.FP16
+
+    # ------------------------------------------------------------ JSON
+
+    def to_json(self) -> dict[str, Any]:
+        geom = self.geometry
+        skip_layout = [
+            {"name": f"skip_{i:02d}", "channels": c, "downsample": 2**lv}
+            for i, (c, lv) in enumerate(geom.skips)
+        ]
+        specs = self.specs()
+        return {
+            "schema_version": self.schema_version,
+            "effdiff_version": self.effdiff_version,
+            "source": vars(self.source),
+            "family": self.family,
+            "prediction_type": self.prediction_type,
+            "recipe": self.recipe,
+            "geometry": geom.to_json(),
+            "export_size": {"latent_height": self.export_size[0], "latent_width": self.export_size[1]},
+            "tokenizer": vars(self.tokenizer),
+            "scheduler_config": SCHEDULER_CONFIG,
+            "support_files": _files_json(self.support_files),
+            "skip_layout": skip_layout,
+            "graphs": {
+                g: {
+                    "io": specs[g].to_json(),
+                    "dynamic_axes": {
+                        k: {str(i): n for i, n in v.items()} for k, v in specs[g].dynamic_axes().items()
+                    },
+                    "variants": {name: v.to_json() for name, v in vs.items()},
+                }
+                for g, vs in self.graphs.items()
+            },
+            "chain_validation": {k: [c.to_json() for c in cs] for k, cs in self.chain_validation.items()},
+            "passed": self.passed,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        size = data["export_size"]
+        return cls(
+            source=SourceInfo(**data["source"]),
+            family=data["family"],
+            prediction_type=data["prediction_type"],
+            geometry=Geometry.from_json(data["geometry"]),
+            export_size=(int(size["latent_height"]), int(size["latent_width"])),
+            tokenizer=TokenizerInfo(**data["tokenizer"]),
+            recipe=dict(data["recipe"]),
+            support_files=_files_from(data.get("support_files", {})),
+            graphs={
+                g: {name: Variant.from_json(name, v) for name, v in rec["variants"].items()}
+                for g, rec in data["graphs"].items()
+            },
+            chain_validation={
+                k: [Comparison.from_json(c) for c in cs] for k, cs in data.get("chain_validation", {}).items()
+            },
+            schema_version=int(data["schema_version"]),
+            effdiff_version=str(data["effdiff_version"]),
         )
-    return manifest
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        """Read and check a folder's manifest; EffdiffError with the fix when absent, broken or too old."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not folder.exists():
+            raise EffdiffError(
+                f"artifacts folder {str(folder)!r} does not exist; run `effdiff-export onnx` first"
+            )
+        if not folder.is_dir():
+            raise EffdiffError(f"{folder} is a file, not an artifacts folder")
+        if not path.exists():
+            raise EffdiffError(
+                f"{path} is missing: {folder} is not an effdiff artifacts folder (or an export "
+                "into it did not finish)"
+            )
+        data = read_json(path, REEXPORT.format(folder=folder))
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise EffdiffError(
+                f"{path} has schema version {version!r} (written by effdiff {data.get('effdiff_version')}); "
+                f"this effdiff {__version__} reads version {SCHEMA_VERSION}: {REEXPORT.format(folder=folder)}"
+            )
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            fix = REEXPORT.format(folder=folder)
+            raise EffdiffError(
+                f"{path} is incomplete or malformed ({type(exc).__name__}: {exc}); {fix}"
+            ) from None
+
+    def write(self, folder: Path) -> None:
+        write_json(Path(folder) / MANIFEST, self.to_json())
 
 
-def manifest_specs(manifest: dict[str, Any]) -> dict[str, GraphSpec]:
-    """The graph specs the artifacts were exported with."""
-    geom = Geometry.from_json(manifest["geometry"])
-    return build_specs(geom, manifest["recipe"]["float_dtype"], manifest["tokenizer"]["vocab_size"])
+def check_files(folder: Path, records: dict[str, FileRecord]) -> None:
+    """The cheap check every load does: each file exists with its recorded size."""
+    for name, record in records.items():
+        file = Path(folder) / name
+        if not file.is_file():
+            raise EffdiffError(f"{file} is missing; {REEXPORT.format(folder=folder)}")
+        size = file.stat().st_size
+        if size != record.size:
+            raise EffdiffError(
+                f"{file} has {size} bytes, the manifest says {record.size}; it was changed or "
+                f"truncated: {REEXPORT.format(folder=folder)}"
+            )
 
 
-def check_complete(artifacts: Path, manifest: dict[str, Any], graphs: tuple[str, ...]) -> None:
-    """Refuse artifacts whose graphs are missing or whose files differ from what the manifest records."""
-    for graph in graphs:
-        record = manifest.get("graphs", {}).get(graph)
-        if record is None:
-            raise EffdiffError(f"{artifacts} has no {graph} graph in its manifest; the export did not finish")
-        for name, size in record["files"].items():
-            file = artifacts / name
-            if not file.exists():
-                raise EffdiffError(f"{file} is missing; re-run the export")
-            if file.stat().st_size != size:
-                raise EffdiffError(f"{file} has {file.stat().st_size} bytes, manifest says {size}; re-export")
+LOCK_FILE = ".effdiff.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str = "an export") -> Iterator[None]:
+    """An exclusive lock on a folder for one writer (filelock: an OS-level lock the kernel releases when
+    the process dies, so a SIGKILLed writer never leaves the folder locked). A second writer fails at
+    once with a clear message rather than interleaving its files with the first one's."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise EffdiffError(
+            f"{folder} is being written by another effdiff process ({what} or a quantization); "
+            "wait for it to finish or choose another folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -94,9 +94,16 @@ def export_onnx_cmd(
 )
 @click.option("--max-decoder-batch", type=int, help="decoder steps per batch (default: 8 on GPU, 1 on CPU)")
 @click.option(
-    "--noise-alpha", default=0.003, show_default=True, type=float, help="prior noise injection; 0 = off"
+    "--noise-alpha",
+    type=float,
+    help="prior noise injection z += alpha * z_T (default: 0.003 with propagation, off without; 0 = off)",
 )
-@click.option("--noise-tau", default=500.0, show_default=True, type=float)
+@click.option("--noise-tau", default=500.0, show_default=True, type=float, help="inject below this timestep")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    help="graph variants to run (default: the folder's fp32, or fp16 for an fp16 export)",
+)
 @click.option("--lean", is_flag=True, help="one component in memory at a time")
 @click.option("--vae-tile", type=int, help="decode the VAE in latent tiles of this size")
 @click.option("--providers", help="comma-separated onnxruntime execution providers")
@@ -116,15 +123,17 @@ def generate_cmd(
     num_images: int,
     propagation: str,
     max_decoder_batch: int | None,
-    noise_alpha: float,
+    noise_alpha: float | None,
     noise_tau: float,
+    precision: str | None,
     lean: bool,
     vae_tile: int | None,
     providers: str | None,
     quiet: bool,
 ) -> None:
     """Text to image from exported artifacts (numpy + onnxruntime only)."""
-    from effdiff.runtime.pipeline import Pipeline, save_image
+    from effdiff.runtime.images import save_image
+    from effdiff.runtime.pipeline import Pipeline
     from effdiff.runtime.propagation import KeySchedule, NoiseInjection
     from effdiff.runtime.schedulers import sampler_class
 
@@ -134,7 +143,12 @@ def generate_cmd(
     schedule = KeySchedule.parse(propagation)
     schedule.key_steps(steps)  # cheap checks before sessions load: steps, key steps, sampler
     sampler_class(sampler)
-    pipe = Pipeline.load(artifacts, providers=providers.split(",") if providers else None, lean=lean)
+    injection: NoiseInjection | str | None = "auto"
+    if noise_alpha is not None:
+        injection = NoiseInjection(noise_alpha, noise_tau) if noise_alpha != 0 else None
+    pipe = Pipeline.load(
+        artifacts, providers=providers.split(",") if providers else None, lean=lean, precision=precision
+    )
     result = pipe(
         prompt,
         negative_prompt,
@@ -147,9 +161,10 @@ def generate_cmd(
         num_images=num_images,
         propagation=schedule,
         max_decoder_batch=max_decoder_batch,
-        noise_injection=NoiseInjection(noise_alpha, noise_tau) if noise_alpha > 0 else None,
+        noise_injection=injection,
         vae_tile=vae_tile,
         progress=not quiet,
+        measure_memory=True,
     )
     save_image(result.images, out)
     t = result.timings
@@ -219,11 +234,11 @@ def bench_cmd(
 
     if repeat < 1 or warmup < 0 or batch < 1:
         raise EffdiffError("--repeat and --batch must be >= 1 and --warmup >= 0")
-    from effdiff.artifacts import read_manifest
-    from effdiff.bench.demo import DEMO_SCENES
+    from effdiff.artifacts import Manifest
+    from effdiff.reference.scenes import DEMO_SCENES
 
     # On the reference model with no prompts given: the demo's scenes, with adherence scored too.
-    on_reference = read_manifest(artifacts)["source"]["model"] == "reference"
+    on_reference = Manifest.read(artifacts).is_reference
     scenes = list(DEMO_SCENES) if on_reference and not prompts else None
     default_prompts = [s.prompt for s in scenes] if scenes else ["a photo of a cat on a red background"]
     settings = BenchSettings(

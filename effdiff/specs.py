@@ -6,17 +6,47 @@ rebuilt from the manifest's geometry, so they cannot disagree.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
 
+# Every graph an export writes, in export order; the one place their names are listed.
 GRAPHS = ("text_encoder", "unet_encoder", "unet_decoder", "unet", "vae_decoder")
+UNET_GRAPHS = ("unet_encoder", "unet_decoder", "unet")
+
+
+class Precision(str, Enum):
+    """Numeric precision of a graph variant. INT8 graphs are QDQ graphs with float32 inputs/outputs."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+    @property
+    def float_dtype(self) -> str:
+        """dtype of the graph's float inputs and outputs."""
+        return "float16" if self is Precision.FP16 else "float32"
+
+    @classmethod
+    def parse(cls, text: str | Precision) -> Precision:
+        try:
+            return cls(text)
+        except ValueError:
+            raise ValueError(
+                f"unknown precision {text!r}; choose one of {', '.join(p.value for p in cls)}"
+            ) from None
 
 
 @dataclass(frozen=True)
 class Axis:
-    """A dimension: fixed (`size`) or symbolic, as base * mul // div (base: batch, height, width)."""
+    """A dimension: fixed (`size`) or symbolic, as base * mul // div.
+
+    Bases: `batch`, `height`, `width` (latent), and `rows`: a decoder call's rows, `steps x batch`,
+    when the decoder runs several steps that share one key step's features in one call.
+    """
 
     base: str | None = None  # None => fixed size
     size: int = 0
@@ -27,7 +57,7 @@ class Axis:
     def name(self) -> str:
         if self.base is None:
             return str(self.size)
-        name = self.base if self.base == "batch" else f"latent_{self.base}"
+        name = self.base if self.base in ("batch", "rows") else f"latent_{self.base}"
         if self.mul != 1:
             name = f"{self.base}_x{self.mul}"
         if self.div != 1:
@@ -43,6 +73,7 @@ def fixed(n: int) -> Axis:
 
 
 BATCH = Axis("batch")
+ROWS = Axis("rows")
 
 
 @dataclass(frozen=True)
@@ -81,12 +112,17 @@ class Geometry:
         data["skips"] = tuple(tuple(s) for s in data["skips"])
         return cls(**data)
 
-    def check_latent_size(self, height: int, width: int) -> None:
-        if height % self.unet_factor or width % self.unet_factor:
-            f = self.unet_factor * self.vae_factor
-            raise ValueError(
-                f"image size {height * self.vae_factor}x{width * self.vae_factor} is not a multiple of {f}"
-            )
+    @property
+    def pixel_multiple(self) -> int:
+        """Image height and width must be positive multiples of this."""
+        return self.unet_factor * self.vae_factor
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent (h, w) of an image size; ValueError unless both are positive multiples of the factor."""
+        f = self.pixel_multiple
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+        return height // self.vae_factor, width // self.vae_factor
 
 
 @dataclass(frozen=True)
@@ -114,38 +150,81 @@ class GraphSpec:
                 out[t.name] = dyn
         return out
 
-    def input_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        """Concrete input shapes for a batch and a latent height/width."""
-        dims = {"batch": batch, "height": height, "width": width}
+    @property
+    def has_rows(self) -> bool:
+        """True for the decoder: its timesteps carry `steps x batch` rows over `batch` rows of features."""
+        return any(a.base == "rows" for t in self.inputs for a in t.axes)
+
+    @staticmethod
+    def _dims(batch: int, height: int, width: int, steps: int) -> dict[str, int]:
+        return {"batch": batch, "rows": batch * steps, "height": height, "width": width}
+
+    def input_shapes(self, batch: int, height: int, width: int, steps: int = 1) -> dict[str, tuple[int, ...]]:
+        """Concrete input shapes for a batch, a latent height/width and (decoder) steps per call."""
+        dims = self._dims(batch, height, width, steps)
         return {t.name: t.shape(dims) for t in self.inputs}
 
-    def output_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        dims = {"batch": batch, "height": height, "width": width}
+    def output_shapes(
+        self, batch: int, height: int, width: int, steps: int = 1
+    ) -> dict[str, tuple[int, ...]]:
+        dims = self._dims(batch, height, width, steps)
         return {t.name: t.shape(dims) for t in self.outputs}
 
     def shape_ranges(
-        self, min_dims: tuple[int, int, int], opt_dims: tuple[int, int, int], max_dims: tuple[int, int, int]
+        self,
+        min_dims: tuple[int, int, int],
+        opt_dims: tuple[int, int, int],
+        max_dims: tuple[int, int, int],
+        max_steps: int = 1,
     ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """(min, opt, max) shape per input from (batch, latent_h, latent_w) triples: TensorRT profiles."""
-        mins, opts, maxs = (self.input_shapes(*d) for d in (min_dims, opt_dims, max_dims))
+        """(min, opt, max) shape per input from (batch, latent_h, latent_w) triples: TensorRT profiles.
+        The decoder's `rows` range up to `max_steps` x the largest batch (parallel decoding)."""
+        mins = self.input_shapes(*min_dims)
+        opts = self.input_shapes(*opt_dims)
+        maxs = self.input_shapes(*max_dims, steps=max_steps)
         return {n: (mins[n], opts[n], maxs[n]) for n in self.input_names}
 
-    def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
-        """Raise ValueError naming the input, expected and actual dtype/shape, before the backend fails."""
+    def check_inputs(
+        self,
+        feeds: Mapping[str, Any],
+        describe: Callable[[Any], tuple[np.dtype, tuple[int, ...]]] | None = None,
+    ) -> None:
+        """Raise ValueError naming the input, expected and actual dtype/shape, before the backend fails.
+
+        `describe` gives (dtype, shape) of a backend's native value (an OrtValue, a torch tensor);
+        numpy arrays need none. Symbolic axes must agree across inputs (one batch, one latent size).
+        """
+        describe = describe or (lambda a: (np.asarray(a).dtype, tuple(np.shape(a))))
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise ValueError(f"{self.name}: missing input(s) {', '.join(missing)}")
+        seen: dict[str, tuple[int, str]] = {}
         for t in self.inputs:
-            arr = feeds[t.name]
+            dtype, shape = describe(feeds[t.name])
             want = [a.size if a.base is None else None for a in t.axes]
-            ok = arr.dtype == np.dtype(t.dtype) and arr.ndim == len(want)
-            ok = ok and all(w is None or w == s for w, s in zip(want, arr.shape, strict=False))
+            ok = np.dtype(dtype) == np.dtype(t.dtype) and len(shape) == len(want)
+            ok = ok and all(w is None or w == s for w, s in zip(want, shape, strict=False))
             if not ok:
-                shape = "(" + ",".join(str(s) for s in t.symbolic_shape()) + ")"
+                sym = "(" + ",".join(str(s) for s in t.symbolic_shape()) + ")"
                 raise ValueError(
-                    f"{self.name}: expected {t.dtype} {shape} for `{t.name}`, "
-                    f"got {arr.dtype} {tuple(arr.shape)}"
+                    f"{self.name}: expected {t.dtype} {sym} for `{t.name}`, got {np.dtype(dtype)} {shape}"
                 )
+            for axis, size in zip(t.axes, shape, strict=True):
+                if axis.base is None:
+                    continue
+                base_size = size * axis.div // axis.mul
+                key = axis.base
+                if key in seen and seen[key][0] != base_size:
+                    raise ValueError(
+                        f"{self.name}: `{t.name}` has {axis.name} {size}, which does not agree with "
+                        f"`{seen[key][1]}`"
+                    )
+                seen.setdefault(key, (base_size, t.name))
+        if "rows" in seen and "batch" in seen and seen["rows"][0] % max(seen["batch"][0], 1):
+            raise ValueError(
+                f"{self.name}: `{seen['rows'][1]}` has {seen['rows'][0]} rows, not a multiple of the "
+                f"features' batch {seen['batch'][0]}"
+            )
 
     def sample_inputs(
         self,
@@ -154,9 +233,10 @@ class GraphSpec:
         width: int,
         rng: np.random.Generator,
         timesteps: np.ndarray | None = None,
+        steps: int = 1,
     ) -> dict[str, np.ndarray]:
         """Realistic random inputs: latents ~ N(0,1), timesteps from the caller's scheduler, ids in vocab."""
-        shapes = self.input_shapes(batch, height, width)
+        shapes = self.input_shapes(batch, height, width, steps)
         feeds: dict[str, np.ndarray] = {}
         for t in self.inputs:
             shape = shapes[t.name]
@@ -189,12 +269,16 @@ def _latent(name: str, channels: int, level: int, dtype: str) -> TensorSpec:
 def build_specs(
     geom: Geometry, float_dtype: str = "float32", vocab_size: int = 49408
 ) -> dict[str, GraphSpec]:
-    """The five graphs' specs. Timesteps are float32 per row so a decoder batch can mix steps."""
+    """The five graphs' specs. Timesteps are float32 per row so a decoder call can mix steps: its
+    `timestep` has `rows` = steps x batch entries, and the graph repeats the features (and text
+    embeddings) once per step inside, so no host ever copies them k times."""
     f = float_dtype
     timestep = TensorSpec("timestep", "float32", (BATCH,))
+    rows_timestep = TensorSpec("timestep", "float32", (ROWS,))
     ehs = TensorSpec("encoder_hidden_states", f, (BATCH, fixed(geom.text_len), fixed(geom.text_hidden)))
     sample = _latent("sample", geom.latent_channels, 0, f)
     noise = _latent("noise_pred", geom.latent_channels, 0, f)
+    rows_noise = TensorSpec("noise_pred", f, (ROWS, *noise.axes[1:]))
     mid = _latent("mid", geom.mid_channels, geom.mid_level, f)
     skips = tuple(_latent(n, c, lv, f) for n, (c, lv) in zip(skip_names(geom), geom.skips, strict=True))
     image_axes = (
@@ -212,7 +296,7 @@ def build_specs(
             {"vocab_size": vocab_size},
         ),
         "unet_encoder": GraphSpec("unet_encoder", (sample, timestep, ehs), (mid, *skips), f),
-        "unet_decoder": GraphSpec("unet_decoder", (timestep, ehs, mid, *skips), (noise,), f),
+        "unet_decoder": GraphSpec("unet_decoder", (rows_timestep, ehs, mid, *skips), (rows_noise,), f),
         "unet": GraphSpec("unet", (sample, timestep, ehs), (noise,), f),
         "vae_decoder": GraphSpec(
             "vae_decoder",

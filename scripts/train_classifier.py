@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from effdiff.bench.shapes import ATTRIBUTES, IMAGE_SIZE, all_scenes, render
+from effdiff.reference.dataset import ATTRIBUTES, IMAGE_SIZE, all_scenes, render
 
 HEADS = {name: len(values) for name, values in ATTRIBUTES.items()}
 

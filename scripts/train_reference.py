@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from effdiff.bench.shapes import IMAGE_SIZE, all_scenes, render, sample_batch
 from effdiff.export.models import sd_scheduler_config, text_config, vae_config
 from effdiff.export.vocab import write_vocab_files
+from effdiff.reference.dataset import IMAGE_SIZE, all_scenes, render, sample_batch
 
 # DDPM's linear betas rather than SD's scaled-linear ones: at 16x16 latents, SD's schedule leaves so
 # much signal at t=T (sqrt(alpha_bar) 0.068) that the mean of x_T carries the background, colour and

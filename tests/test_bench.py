@@ -12,9 +12,11 @@ from PIL import Image
 
 from effdiff.bench.device import describe, device_profile
 from effdiff.bench.harness import BenchSettings, parse_configs, run_bench
-from effdiff.bench.quality import frechet_distance, psnr, ssim
+from effdiff.bench.quality import ssim
 from effdiff.bench.report import write_report
+from effdiff.compare import psnr
 from effdiff.errors import EffdiffError
+from effdiff.reference.judge import frechet_distance
 
 from .test_cli import assert_one_line_error, run
 

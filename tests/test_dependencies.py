@@ -66,3 +66,22 @@ def test_help_and_extra_hint_without_torch() -> None:
         """
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr + proc.stdout
+
+
+def test_without_onnxruntime_the_runtime_names_its_extra(sd1_artifacts) -> None:
+    """Core effdiff has no onnxruntime of its own (the `cpu` or `gpu` extra brings one)."""
+    proc = run_blocked(
+        f"""
+        import sys
+        BLOCKED.add("onnxruntime")
+        from click.testing import CliRunner
+        from effdiff.cli import main
+        res = CliRunner().invoke(
+            main, ["generate", "--artifacts", {str(sd1_artifacts)!r}, "--prompt", "p", "--out", "/tmp/x.png"]
+        )
+        assert res.exit_code != 0, res.output
+        assert "effdiff[cpu]" in res.output and "effdiff[gpu]" in res.output, res.output
+        print("ok")
+        """
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr + proc.stdout

@@ -9,24 +9,32 @@ import numpy as np
 import onnx
 import pytest
 
-from effdiff.artifacts import check_complete, graph_path, manifest_specs, read_manifest
-from effdiff.runtime.backend import OrtGraph
+from effdiff.artifacts import Manifest, check_files, sha256_file
+from effdiff.runtime.backends.ort import OrtGraph
 from effdiff.specs import GRAPHS
 
 
+def graph_file(artifacts: Path, graph: str) -> Path:
+    return artifacts / Manifest.read(artifacts).variant(graph, "fp32").file
+
+
 def test_every_graph_exported_and_validated(artifacts: Path) -> None:
-    manifest = read_manifest(artifacts)
-    check_complete(artifacts, manifest, GRAPHS)
-    assert manifest["passed"] is True
+    manifest = Manifest.read(artifacts)
+    assert manifest.passed is True
     for graph in GRAPHS:
-        record = manifest["graphs"][graph]
-        cases = {c["case"] for c in record["validation"]}
-        expected = 2 if graph == "text_encoder" else 4  # batch sizes (x resolutions where spatial)
+        variant = manifest.variant(graph, "fp32")
+        check_files(artifacts, variant.files)
+        for name, record in variant.files.items():
+            assert record.sha256 == sha256_file(artifacts / name), name
+        cases = {c.case for c in variant.validation}
+        # batch sizes (x resolutions where spatial; the decoder also decodes 2 steps per call)
+        expected = {"text_encoder": 2, "unet_decoder": 6}.get(graph, 4)
         assert len(cases) == expected, f"{graph}: expected {expected} cases, got {sorted(cases)}"
-        worst = max(c["rel_l2"] for c in record["validation"])
+        worst = max(c.rel_l2 for c in variant.validation)
         assert worst < 1e-4, f"{graph}: worst relative L2 {worst:.2e}"
-    chain = manifest["chain_validation"]
-    assert len(chain) == 4 and max(c["rel_l2"] for c in chain) < 1e-4
+    chain = manifest.chain_validation["fp32"]
+    assert len(chain) == 4 and max(c.rel_l2 for c in chain) < 1e-4
+    data = json.loads((artifacts / "manifest.json").read_text())
     for key in (
         "effdiff_version",
         "source",
@@ -36,28 +44,29 @@ def test_every_graph_exported_and_validated(artifacts: Path) -> None:
         "skip_layout",
         "tokenizer",
     ):
-        assert key in manifest, key
-    assert len(manifest["source"]["content_hash"]) == 64
-    assert (artifacts / "tokenizer" / "tokenizer.json").exists()
-    assert (artifacts / "scheduler_config.json").exists()
+        assert key in data, key
+    assert len(manifest.source.content_hash) == 64
+    assert set(manifest.support_files) == {"tokenizer/tokenizer.json", "scheduler_config.json"}
+    check_files(artifacts, manifest.support_files)
 
 
 def test_family_and_prediction_type(sd1_artifacts: Path, sd2_artifacts: Path) -> None:
-    m1, m2 = read_manifest(sd1_artifacts), read_manifest(sd2_artifacts)
-    assert (m1["family"], m1["prediction_type"]) == ("sd1", "epsilon")
-    assert (m2["family"], m2["prediction_type"]) == ("sd2", "v_prediction")
+    m1, m2 = Manifest.read(sd1_artifacts), Manifest.read(sd2_artifacts)
+    assert (m1.family, m1.prediction_type) == ("sd1", "epsilon")
+    assert (m2.family, m2.prediction_type) == ("sd2", "v_prediction")
 
 
 def test_onnx_io_matches_spec_with_named_dynamic_axes(artifacts: Path) -> None:
-    manifest = read_manifest(artifacts)
-    specs = manifest_specs(manifest)
-    for graph, spec in specs.items():
-        model = onnx.load(str(graph_path(artifacts, graph)), load_external_data=False)
+    manifest = Manifest.read(artifacts)
+    for graph, spec in manifest.specs().items():
+        model = onnx.load(str(graph_file(artifacts, graph)), load_external_data=False)
         assert [i.name for i in model.graph.input] == spec.input_names
         assert [o.name for o in model.graph.output] == spec.output_names
         for value in model.graph.input:
             dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-            assert dims[0] == "batch", f"{graph}.{value.name}: first axis {dims[0]!r}"
+            # the decoder's timesteps carry steps x batch rows over the features' batch
+            first = "rows" if (graph, value.name) == ("unet_decoder", "timestep") else "batch"
+            assert dims[0] == first, f"{graph}.{value.name}: first axis {dims[0]!r}"
 
 
 def test_decoder_of_encoder_matches_diffusers_at_a_new_shape(artifacts: Path) -> None:
@@ -65,13 +74,13 @@ def test_decoder_of_encoder_matches_diffusers_at_a_new_shape(artifacts: Path) ->
     torch = pytest.importorskip("torch")
     from diffusers import UNet2DConditionModel
 
-    manifest = read_manifest(artifacts)
-    specs = manifest_specs(manifest)
-    unet = UNet2DConditionModel.from_pretrained(Path(manifest["source"]["path"]) / "unet").eval()
+    manifest = Manifest.read(artifacts)
+    specs = manifest.specs()
+    unet = UNet2DConditionModel.from_pretrained(Path(manifest.source.path) / "unet").eval()
     rng = np.random.default_rng(7)
     feeds = specs["unet"].sample_inputs(3, 12, 8, rng, timesteps=np.array([999.0, 500.0, 1.0]))
-    encoder = OrtGraph(graph_path(artifacts, "unet_encoder"), specs["unet_encoder"])
-    decoder = OrtGraph(graph_path(artifacts, "unet_decoder"), specs["unet_decoder"])
+    encoder = OrtGraph(graph_file(artifacts, "unet_encoder"), specs["unet_encoder"])
+    decoder = OrtGraph(graph_file(artifacts, "unet_decoder"), specs["unet_decoder"])
     features = encoder.run(feeds)
     got = decoder.run({**feeds, **features})["noise_pred"]
     with torch.inference_mode():
@@ -79,13 +88,18 @@ def test_decoder_of_encoder_matches_diffusers_at_a_new_shape(artifacts: Path) ->
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel < 1e-4, f"decoder(encoder(x)) vs diffusers: relative L2 {rel:.2e}"
     # the whole-UNet graph agrees too
-    whole = OrtGraph(graph_path(artifacts, "unet"), specs["unet"]).run(feeds)["noise_pred"]
+    whole = OrtGraph(graph_file(artifacts, "unet"), specs["unet"]).run(feeds)["noise_pred"]
     assert np.linalg.norm(whole - want) / np.linalg.norm(want) < 1e-4
+    # one decoder call over two steps (features repeated inside the graph) equals two calls
+    ts = np.array([999.0, 500.0, 1.0, 20.0, 300.0, 700.0], np.float32)
+    two = decoder.run({**feeds, **features, "timestep": ts})["noise_pred"]
+    second = decoder.run({**feeds, **features, "timestep": ts[3:]})["noise_pred"]
+    np.testing.assert_allclose(two[3:], second, rtol=1e-5, atol=1e-5)
 
 
 def test_session_boundary_names_expected_and_actual(sd1_artifacts: Path) -> None:
-    specs = manifest_specs(read_manifest(sd1_artifacts))
-    encoder = OrtGraph(graph_path(sd1_artifacts, "unet_encoder"), specs["unet_encoder"])
+    specs = Manifest.read(sd1_artifacts).specs()
+    encoder = OrtGraph(graph_file(sd1_artifacts, "unet_encoder"), specs["unet_encoder"])
     feeds = specs["unet_encoder"].sample_inputs(2, 8, 8, np.random.default_rng(0))
     feeds["sample"] = feeds["sample"].astype(np.float16)
     with pytest.raises(
@@ -99,3 +113,16 @@ def test_manifest_is_plain_json_with_skip_layout(sd1_artifacts: Path) -> None:
     layout = manifest["skip_layout"]
     assert [s["name"] for s in layout] == [f"skip_{i:02d}" for i in range(len(layout))]
     assert layout[0]["downsample"] == 1 and layout[-1]["downsample"] == manifest["geometry"]["unet_factor"]
+
+
+def test_decoder_boundary_checks_rows_against_batch(sd1_artifacts: Path) -> None:
+    specs = Manifest.read(sd1_artifacts).specs()
+    decoder = OrtGraph(graph_file(sd1_artifacts, "unet_decoder"), specs["unet_decoder"])
+    feeds = specs["unet_decoder"].sample_inputs(2, 8, 8, np.random.default_rng(0))
+    feeds["timestep"] = np.zeros(3, np.float32)  # 3 rows over features of batch 2
+    with pytest.raises(ValueError, match="not a multiple of the features' batch 2"):
+        decoder.run(feeds)
+    feeds["timestep"] = np.zeros(4, np.float32)
+    feeds["skip_00"] = feeds["skip_00"][:1]
+    with pytest.raises(ValueError, match="does not agree"):
+        decoder.run(feeds)

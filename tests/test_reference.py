@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from effdiff.bench.demo import REFERENCE_GUIDANCE
-from effdiff.bench.quality import CLASSIFIER, AttributeClassifier
-from effdiff.bench.shapes import HELD_OUT, Scene, all_scenes, render, sample_batch
-from effdiff.export.models import REFERENCE_MODEL, resolve_model
+from effdiff.export.models import resolve_model
+from effdiff.reference import CLASSIFIER
+from effdiff.reference import MODEL_DIR as REFERENCE_MODEL
+from effdiff.reference.dataset import HELD_OUT, Scene, all_scenes, render, sample_batch
+from effdiff.reference.judge import AttributeClassifier
+from effdiff.reference.scenes import REFERENCE_GUIDANCE
 
 from .test_cli import run
 

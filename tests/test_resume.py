@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from effdiff.artifacts import atomic_path, read_manifest
+from effdiff.artifacts import LOCK_FILE, Manifest, atomic_path
 from effdiff.export import onnx as exporter
+from effdiff.specs import Precision
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
@@ -55,7 +56,8 @@ def test_interrupted_export_resumes(
         exporter.export_onnx(str(sd1_folder), out, progress=False)
     assert (out / "unet.onnx").exists(), "graphs finished before the interruption are kept"
     assert not (out / "vae_decoder.onnx").exists(), "no partial graph file"
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    leftovers = [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
     assert set(json.loads((out / "manifest.json").read_text())["graphs"]) == {
         "text_encoder",
         "unet_encoder",
@@ -67,7 +69,7 @@ def test_interrupted_export_resumes(
     report = exporter.export_onnx(str(sd1_folder), out, progress=False)
     redone = {r.graph for r in report.results if not r.skipped}
     assert redone == {"vae_decoder", "chain"}
-    assert read_manifest(out)["passed"] is True
+    assert Manifest.read(out).passed is True
 
 
 def test_beyond_tolerance_exits_nonzero_and_keeps_artifacts(
@@ -76,10 +78,10 @@ def test_beyond_tolerance_exits_nonzero_and_keeps_artifacts(
     out = tmp_path / "strict"
     shutil.copytree(sd2_artifacts, out)
     # An impossible tolerance: the chain check (always re-run) must fail, loudly, keeping everything.
-    monkeypatch.setattr(exporter.Precision, "tolerance", property(lambda self: 0.0))
+    monkeypatch.setitem(exporter.TOLERANCE, Precision.FP32, 0.0)
     with pytest.raises(exporter.ValidationFailed, match="NO"):
         exporter.export_onnx("tiny-sd2", out, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["passed"] is False
     assert all((out / f"{g}.onnx").exists() for g in manifest["graphs"])
-    assert all(c["tolerance"] == 0.0 for c in manifest["chain_validation"])
+    assert all(c["tolerance"] == 0.0 for c in manifest["chain_validation"]["fp32"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from effdiff.bench.quality import psnr
+from effdiff.compare import psnr
 from effdiff.errors import EffdiffError
 from effdiff.runtime.pipeline import Pipeline
 from effdiff.runtime.propagation import KeySchedule, NoiseInjection
@@ -37,7 +37,7 @@ def test_image_matches_diffusers_pipeline(family: str, sampler: str, request: py
     artifacts = request.getfixturevalue(f"{family}_artifacts")
     pipe = Pipeline.load(artifacts)
     ref = diffusers.StableDiffusionPipeline.from_pretrained(
-        pipe.manifest["source"]["path"], safety_checker=None, local_files_only=True
+        pipe.manifest.source.path, safety_checker=None, local_files_only=True
     )
     ref.set_progress_bar_config(disable=True)
     cls = {
@@ -69,7 +69,8 @@ def test_image_matches_diffusers_pipeline(family: str, sampler: str, request: py
 def test_runtime_imports_no_torch(sd1_artifacts: Path, tmp_path: Path) -> None:
     code = f"""
 import sys
-from effdiff.runtime.pipeline import Pipeline, save_image
+from effdiff.runtime.images import save_image
+from effdiff.runtime.pipeline import Pipeline
 res = Pipeline.load({str(sd1_artifacts)!r})("a red circle", steps=3, propagation="uniform:2")
 save_image(res.images, __import__("pathlib").Path({str(tmp_path / "img.png")!r}))
 heavy = [m for m in ("torch", "diffusers", "transformers") if m in sys.modules]
@@ -121,10 +122,13 @@ def test_prior_noise_injection(pipe1: Pipeline) -> None:
 
 def test_lean_mode_same_result_and_releases_sessions(sd1_artifacts: Path, pipe1: Pipeline) -> None:
     lean = Pipeline.load(sd1_artifacts, lean=True)
-    a = lean("a dog", steps=6, latents=unit_latents(), num_images=2, propagation="uniform:2")
+    a = lean(
+        "a dog", steps=6, latents=unit_latents(), num_images=2, propagation="uniform:2", measure_memory=True
+    )
     b = pipe1("a dog", steps=6, latents=unit_latents(), num_images=2, propagation="uniform:2")
     np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-6)
-    assert lean._sessions == {} and a.peak_rss_gib > 0 and a.timings["load"] > 0
+    assert lean.graphs.open_names == () and a.timings["load"] > 0
+    assert a.peak_rss_gib is not None and a.peak_rss_gib > 0 and b.peak_rss_gib is None
 
 
 def test_tiled_vae_close_to_whole(pipe1: Pipeline) -> None:
@@ -140,7 +144,7 @@ def test_long_prompt_truncated_with_warning(pipe1: Pipeline) -> None:
     long_prompt = " ".join(["red"] * 100)
     with pytest.warns(UserWarning, match="truncated to 77"):
         ids = pipe1.tokenizer([long_prompt])
-    assert ids.shape == (1, 77) and ids[0, -1] == pipe1.manifest["tokenizer"]["eos_id"]
+    assert ids.shape == (1, 77) and ids[0, -1] == pipe1.manifest.tokenizer.eos_id
 
 
 def test_tokenizer_matches_transformers(sd1_folder: Path, pipe1: Pipeline) -> None:
@@ -221,4 +225,4 @@ def test_generate_bad_inputs(sd1_artifacts: Path, tmp_path: Path) -> None:
     assert_one_line_error(run(*base, "--artifacts", str(old), *o), "unet.onnx is missing")
     shutil.copy(sd1_artifacts / "unet.onnx", old / "unet.onnx")
     (old / "scheduler_config.json").write_text('{"beta_schedule": ')
-    assert_one_line_error(run(*base, "--artifacts", str(old), *o), "scheduler_config.json is not valid JSON")
+    assert_one_line_error(run(*base, "--artifacts", str(old), *o), "scheduler_config.json has 18 bytes")

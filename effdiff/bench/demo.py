@@ -11,20 +11,7 @@ from pathlib import Path
 
 from effdiff.bench.harness import BenchReport, BenchSettings, parse_configs, run_bench
 from effdiff.bench.report import write_report
-from effdiff.bench.shapes import Scene
-
-# Four scenes seen in training and two held-out (kind, colour) pairs.
-DEMO_SCENES = (
-    Scene("circle", "red", "large", "center", "gray"),
-    Scene("triangle", "blue", "small", "top left", "white"),
-    Scene("square", "yellow", "large", "bottom right", "black"),
-    Scene("star", "orange", "large", "top right", "gray"),
-    Scene("star", "yellow", "large", "center", "black"),
-    Scene("circle", "purple", "small", "bottom left", "white"),
-)
-# The reference model's guidance scale: colour adherence plateaus over 2..4 and falls above
-# (benchmarks/reference_quality.py --guidance 2,3,4,5,6 prints the sweep; README quotes it).
-REFERENCE_GUIDANCE = 3.0
+from effdiff.reference.scenes import DEMO_SCENES, REFERENCE_GUIDANCE
 
 
 def run_demo(

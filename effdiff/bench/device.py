@@ -11,6 +11,8 @@ from typing import Any
 
 import psutil
 
+from effdiff.profiling import is_jetson
+
 
 def _cpu() -> dict[str, Any]:
     model, flags = platform.processor() or platform.machine(), set()
@@ -83,12 +85,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-def is_jetson() -> bool:
-    return Path("/etc/nv_tegra_release").exists()
-
-
 def device_profile(providers: list[str] | None = None) -> dict[str, Any]:
-    import onnxruntime as ort
+    from effdiff.runtime.backends.ort import available_providers
 
     return {
         "cpu": _cpu(),
@@ -110,7 +108,7 @@ def device_profile(providers: list[str] | None = None) -> dict[str, Any]:
                 "DeepCache",
             )
         },
-        "execution_providers": providers or ort.get_available_providers(),
+        "execution_providers": providers or available_providers(),
     }
 
 

@@ -23,12 +23,14 @@ import psutil
 from PIL import Image
 from tqdm import tqdm
 
-from effdiff.artifacts import read_manifest
-from effdiff.bench.memory import PeakRSS
-from effdiff.bench.quality import psnr, ssim
+from effdiff.artifacts import Manifest
+from effdiff.bench.quality import ssim
+from effdiff.compare import psnr
 from effdiff.errors import EffdiffError
-from effdiff.runtime.pipeline import COMPONENTS, Pipeline
+from effdiff.profiling import GpuMemory, PeakRSS
+from effdiff.runtime.pipeline import Pipeline
 from effdiff.runtime.propagation import KeySchedule
+from effdiff.specs import GRAPHS, UNET_GRAPHS, Precision
 
 REPORT_SCHEMA = 1
 PEERS = ("diffusers", "deepcache")
@@ -36,10 +38,11 @@ PEERS = ("diffusers", "deepcache")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One effdiff configuration. INT8 and retrieval start will add fields here."""
+    """One effdiff configuration. Retrieval start will add a field here."""
 
     name: str
     propagation: KeySchedule
+    precision: Precision | None = None  # None: the folder's default (fp32, or fp16 for an fp16 export)
 
 
 def fd_schedule(sampler: str, steps: int) -> KeySchedule:
@@ -102,56 +105,6 @@ class Row:
     quality: dict[str, float] = field(default_factory=dict)
 
 
-class GpuMemory:
-    """Peak minus baseline device memory, sampled every 2 ms: through NVML on discrete GPUs; on Jetson
-    (unified memory, no NVML memory figures) the system's used memory from /proc/meminfo stands for it.
-    Inert where neither applies."""
-
-    def __init__(self) -> None:
-        from effdiff.bench.device import is_jetson
-
-        self._nvml = None
-        self._jetson = is_jetson()
-        if not self._jetson:
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-                self._nvml = pynvml
-            except Exception:  # no NVML library, driver or GPU: nothing to measure
-                self._nvml = None
-        self.peak_mib: float | None = None
-
-    def used(self) -> float:
-        if self._jetson:
-            import psutil
-
-            mem = psutil.virtual_memory()  # reads /proc/meminfo
-            return (mem.total - mem.available) / 2**20
-        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20 if self._nvml else 0.0
-
-    def measure(self, fn: Callable[[], Any]) -> Any:
-        if self._nvml is None and not self._jetson:
-            return fn()
-        import threading
-
-        base, peak, stop = self.used(), [0.0], threading.Event()
-
-        def sample() -> None:
-            while not stop.wait(0.002):
-                peak[0] = max(peak[0], self.used())
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        try:
-            return fn()
-        finally:
-            stop.set()
-            th.join()
-            self.peak_mib = max(peak[0], self.used()) - base
-
-
 @dataclass
 class BenchSettings:
     prompts: list[str]
@@ -195,10 +148,8 @@ def _latents(pipe: Pipeline, settings: BenchSettings, height: int, width: int) -
     return np.random.default_rng(settings.seed).standard_normal(shape).astype(np.float32)
 
 
-def _disk_mib(artifacts: Path, graphs: tuple[str, ...], manifest: dict[str, Any]) -> float:
-    return (
-        sum(sum(manifest["graphs"][g]["files"].values()) for g in graphs if g in manifest["graphs"]) / 2**20
-    )
+def _disk_mib(pipe: Pipeline, graphs: tuple[str, ...]) -> float:
+    return sum(pipe.variants[g].size_bytes for g in graphs if g in pipe.variants) / 2**20
 
 
 def bench_effdiff(
@@ -209,14 +160,13 @@ def bench_effdiff(
     providers: list[str] | None,
     progress: Callable[[], None],
 ) -> tuple[Row, list[Image.Image]]:
-    manifest = read_manifest(artifacts)
     gpu = GpuMemory()
     base_rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    pipe = Pipeline.load(artifacts, providers=providers)
+    pipe = Pipeline.load(artifacts, providers=providers, precision=config.precision)
     unet_graphs = ("unet_encoder", "unet_decoder") if config.propagation.propagates else ("unet",)
     for g in unet_graphs:
-        pipe.open_session(g)  # session creation counts as load, not as the first run
+        pipe.open_graph(g)  # graph creation counts as load, not as the first run
     load = time.perf_counter() - start
     h, w = latents.shape[2] * pipe.geometry.vae_factor, latents.shape[3] * pipe.geometry.vae_factor
 
@@ -243,14 +193,10 @@ def bench_effdiff(
             results.append(gpu.measure(once))
             progress()
     comps = {
-        c: Stats.of([r.timings[c] for r in results])
-        for c in COMPONENTS
-        if any(r.timings[c] > 0 for r in results)
+        c: Stats.of([r.timings[c] for r in results]) for c in GRAPHS if any(r.timings[c] > 0 for r in results)
     }
     comps["overhead"] = Stats.of([r.timings["overhead"] for r in results])
-    unet = statistics.median(
-        sum(r.timings[c] for c in ("unet", "unet_encoder", "unet_decoder")) for r in results
-    )
+    unet = statistics.median(sum(r.timings[c] for c in UNET_GRAPHS) for r in results)
     graphs = ("text_encoder", *unet_graphs, "vae_decoder")
     row = Row(
         config.name,
@@ -263,7 +209,7 @@ def bench_effdiff(
         peak_rss_gib=mem.peak_gib,
         rss_added_gib=(mem.peak_bytes - base_rss) / 2**30,
         gpu_peak_mib=gpu.peak_mib,
-        disk_mib=_disk_mib(artifacts, graphs, manifest),
+        disk_mib=_disk_mib(pipe, graphs),
     )
     images = results[-1].images
     return row, images
@@ -364,7 +310,7 @@ def run_bench(
     from effdiff.bench.device import device_profile
 
     artifacts = Path(artifacts)
-    manifest = read_manifest(artifacts)
+    manifest = Manifest.read(artifacts)
     for p in peers:
         if p not in PEERS:
             raise EffdiffError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")
@@ -385,7 +331,7 @@ def run_bench(
     for peer in peers:
         bar.set_postfix_str(peer)
         try:
-            got = bench_peer(peer, Path(manifest["source"]["path"]), settings, latents, bar.update)
+            got = bench_peer(peer, Path(manifest.source.path), settings, latents, bar.update)
         except Exception as exc:  # a peer's own failure must not cost the user the rest of the report
             warnings.warn(f"peer {peer} failed and is left out: {type(exc).__name__}: {exc}", stacklevel=2)
             got = None
@@ -398,7 +344,7 @@ def run_bench(
     reference = images["full"]
     classifier = None
     if scenes is not None:
-        from effdiff.bench.quality import AttributeClassifier
+        from effdiff.reference.judge import AttributeClassifier
 
         classifier = AttributeClassifier()
     for row in rows:
@@ -413,7 +359,7 @@ def run_bench(
         device_profile(providers),
         settings_json,
         str(artifacts),
-        manifest["source"]["model"],
+        manifest.source.model,
         rows,
         images,
     )

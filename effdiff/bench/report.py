@@ -11,7 +11,7 @@ from typing import Any
 from effdiff.artifacts import atomic_path, write_json
 from effdiff.bench.device import describe
 from effdiff.bench.harness import BenchReport, Row
-from effdiff.runtime.pipeline import image_grid
+from effdiff.runtime.images import image_grid
 
 # The project's target (README): best configuration >= 3x faster end to end than diffusers, adherence
 # within 3 points, and faster than DeepCache at equal or better adherence.

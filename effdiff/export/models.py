@@ -18,12 +18,12 @@ from effdiff._deps import require
 from effdiff.artifacts import read_json
 from effdiff.errors import EffdiffError
 from effdiff.export.vocab import write_vocab_files
+from effdiff.reference import MODEL_DIR as REFERENCE_MODEL
+from effdiff.reference import MODEL_NAME as REFERENCE_NAME
 
 # tiny-*: a few MB, for tests and demos. sd15-arch: SD1.5's published architecture with random
 # weights (860 M-parameter UNet), for speed and memory work only.
 BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2", "sd15-arch")
-# effdiff's trained reference model (scripts/train_reference.py), shipped as package data.
-REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "reference" / "model"
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 _SCHEDULER_FILES = ("scheduler_config.json",)
 
@@ -244,7 +244,7 @@ def model_family(unet_config: dict[str, Any]) -> str:
 
 def resolve_model(model: str) -> ModelSource:
     """Turn `--model` (a folder or a built-in name) into a checked ModelSource. Raises EffdiffError."""
-    if model == "reference":
+    if model == REFERENCE_NAME:
         if not (REFERENCE_MODEL / "model_index.json").exists():
             raise EffdiffError(
                 f"the reference model is not installed at {REFERENCE_MODEL}; "

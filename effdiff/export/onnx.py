@@ -1,7 +1,9 @@
-"""Export a diffusers pipeline to split-UNet ONNX graphs, validate each against PyTorch, write the manifest.
+"""Export a diffusers pipeline to split-UNet ONNX graphs, validate each, and describe them in the manifest.
 
 One graph at a time: a component is loaded only while its graphs are exported and validated, and
 ONNX programs and sessions are dropped before the next, so an SD1.5-size model fits in 24 GB.
+What each graph is (component, module, dynamic shapes, cases) comes from `effdiff.export.graphs`;
+how it is checked from `effdiff.export.validate`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,65 +31,51 @@ from effdiff.artifacts import (
     MANIFEST,
     SCHEDULER_CONFIG,
     TOKENIZER_DIR,
-    graph_path,
-    new_manifest,
+    TOKENIZER_FILE,
+    FileRecord,
+    Manifest,
+    SourceInfo,
+    TokenizerInfo,
+    Variant,
+    folder_lock,
+    variant_file,
     write_json,
-    write_manifest,
 )
-from effdiff.bench.memory import PeakRSS
-from effdiff.bench.quality import relative_l2
+from effdiff.compare import Comparison, worst_table
 from effdiff.errors import EffdiffError, ValidationFailed
+from effdiff.export.graphs import EXPORTS, TOLERANCE
 from effdiff.export.models import ModelSource, load_component, resolve_model
-from effdiff.runtime.backend import OrtGraph
+from effdiff.export.validate import (
+    VALIDATION_PROMPTS,
+    case_inputs,
+    to_graph_dtype,
+    validate_chain,
+    validate_graph,
+)
+from effdiff.profiling import PeakRSS
+from effdiff.runtime.backends.ort import OrtBackend
 from effdiff.runtime.tokenizer import PromptTokenizer
-from effdiff.specs import GRAPHS, Geometry, GraphSpec, build_specs
+from effdiff.specs import GRAPHS, Geometry, GraphSpec, Precision, build_specs
 
 # Graphs whose weights exceed this go to one external data file (protobuf caps a file at 2 GiB).
 EXTERNAL_DATA_BYTES = 1_500_000_000
-VALIDATION_PROMPTS = ("a photo of a cat on a red background", "a small blue square at the top left")
-# Realistic DDIM-50 timesteps (leading spacing, steps_offset 1): early, middle and late in sampling.
-VALIDATION_TIMESTEPS = np.array([981.0, 501.0, 21.0, 741.0], dtype=np.float32)
-
-
-class Precision(str, Enum):
-    FP32 = "fp32"
-    FP16 = "fp16"
-
-    @property
-    def float_dtype(self) -> str:
-        return "float16" if self is Precision.FP16 else "float32"
-
-    @property
-    def tolerance(self) -> float:
-        """Relative L2 error allowed against fp32 PyTorch."""
-        return 1e-2 if self is Precision.FP16 else 1e-4
+ONNX_PRECISIONS = (Precision.FP32, Precision.FP16)
 
 
 @dataclass(frozen=True)
 class ExportRecipe:
     opset: int = 20
-    precision: Precision = Precision.FP32
+    precision: Precision = Precision.FP32  # fp32 or fp16: the variant this export writes
     height: int | None = None  # image pixels; default: the UNet's sample_size x VAE factor
     width: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "precision": self.precision.value, "float_dtype": self.precision.float_dtype}
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """ONNX vs PyTorch for one output of one case."""
-
-    graph: str
-    case: str
-    output: str
-    max_abs: float
-    rel_l2: float
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return bool(np.isfinite(self.rel_l2)) and self.rel_l2 <= self.tolerance
+        return {
+            "opset": self.opset,
+            "precision": self.precision.value,
+            "height": self.height,
+            "width": self.width,
+        }
 
 
 @dataclass
@@ -107,7 +94,7 @@ class GraphResult:
 @dataclass
 class ExportReport:
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     results: list[GraphResult]
 
     @property
@@ -116,71 +103,10 @@ class ExportReport:
 
     def table(self) -> str:
         """Worst case per graph output: the figures the manifest holds."""
-        lines = [
-            f"{'graph':<14} {'output':<18} {'cases':>5} {'max abs diff':>13} {'rel L2':>10} {'tol':>8}  ok",
-            "-" * 78,
-        ]
-        for res in self.results:
-            by_output: dict[str, list[Comparison]] = {}
-            for c in res.comparisons:
-                by_output.setdefault(c.output, []).append(c)
-            for output, comps in by_output.items():
-                worst = max(comps, key=lambda c: c.rel_l2 if np.isfinite(c.rel_l2) else np.inf)
-                mark = "yes" if all(c.passed for c in comps) else "NO"
-                lines.append(
-                    f"{res.graph:<14} {output:<18} {len(comps):>5} {max(c.max_abs for c in comps):>13.3e} "
-                    f"{worst.rel_l2:>10.3e} {worst.tolerance:>8.0e}  {mark}"
-                )
-        return "\n".join(lines)
+        return "\n".join(worst_table([c for r in self.results for c in r.comparisons]))
 
 
-def compare(
-    graph: str, case: str, onnx_out: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: float
-) -> list[Comparison]:
-    out = []
-    for name, want in ref.items():
-        got = onnx_out[name].astype(np.float64)
-        want = want.astype(np.float64)
-        if got.shape != want.shape:
-            raise EffdiffError(f"{graph} output {name} has shape {got.shape}, PyTorch gives {want.shape}")
-        max_abs = float(np.abs(got - want).max())
-        out.append(Comparison(graph, case, name, max_abs, relative_l2(got, want), tol))
-    return out
-
-
-# ---------------------------------------------------------------- torch side
-
-
-def _torch_modules(graph: str, component: Any) -> Any:
-    from effdiff.export import split
-
-    wrappers = {
-        "text_encoder": split.TextEncoder,
-        "unet_encoder": split.UNetEncoder,
-        "unet_decoder": split.UNetDecoder,
-        "unet": split.WholeUNet,
-        "vae_decoder": split.VAEDecoder,
-    }
-    return wrappers[graph](component).eval()
-
-
-COMPONENT_OF = {
-    "text_encoder": "text_encoder",
-    "unet_encoder": "unet",
-    "unet_decoder": "unet",
-    "unet": "unet",
-    "vae_decoder": "vae",
-}
-
-
-def _run_torch(module: Any, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    torch = require("torch")
-    with torch.inference_mode():
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in spec.input_names]
-        args = [a.float() if a.is_floating_point() else a for a in args]
-        outs = module(*args)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    return {n: o.float().numpy() for n, o in zip(spec.output_names, outs, strict=True)}
+# ---------------------------------------------------------------- torch -> ONNX
 
 
 def _export_graph(
@@ -188,21 +114,16 @@ def _export_graph(
 ) -> list[Path]:
     """torch.onnx (dynamo) export into a temp folder beside `dest`; returns the files written there."""
     torch = require("torch")
-    Dim = torch.export.Dim
     if precision is Precision.FP16:
         module = copy.deepcopy(module).half()
     args = [torch.from_numpy(feeds[n]) for n in spec.input_names]  # already in the graph's dtypes
-    dyn = [{i: Dim.DYNAMIC for i, ax in enumerate(t.axes) if ax.base is not None} for t in spec.inputs]
-    if spec.name == "unet_decoder":
-        # forward(timestep, ehs, mid, *skips): the variadic skips are one nested entry
-        dyn = [*dyn[:3], tuple(dyn[3:])]
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     tmp = dest.parent / f".tmp-{spec.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,
@@ -211,7 +132,7 @@ def _export_graph(
                 opset_version=opset,
                 input_names=spec.input_names,
                 output_names=spec.output_names,
-                dynamic_shapes=tuple(dyn),
+                dynamic_shapes=EXPORTS[spec.name].dynamic_shapes(spec),
                 verbose=False,
             )
             program.save(str(tmp / dest.name), external_data=external)
@@ -241,46 +162,16 @@ def _name_dynamic_axes(path: Path, spec: GraphSpec) -> None:
     onnx.save(model, str(path))
 
 
-def _install(files: list[Path], out: Path, graph_file: Path) -> dict[str, int]:
-    """Move data files first and the .onnx last: a graph file present means its data is complete."""
+def install_files(files: list[Path], out: Path, graph_file: str) -> dict[str, FileRecord]:
+    """Move data files first and the graph file last: a graph file present means its data is complete.
+    Returns each installed file's size and sha256."""
     tmp = files[0].parent
-    sizes = {}
-    for f in sorted(files, key=lambda p: p.name == graph_file.name):
-        sizes[f.name] = f.stat().st_size
+    records = {}
+    for f in sorted(files, key=lambda p: p.name == graph_file):
+        records[f.name] = FileRecord.of(f)
         os.replace(f, out / f.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    return sizes
-
-
-# ---------------------------------------------------------------- cases
-
-
-def _cases(geom: Geometry, height: int, width: int) -> list[tuple[int, int, int]]:
-    """(batch, latent_h, latent_w): two batch sizes at the export size and at a smaller non-square one."""
-    f = geom.unet_factor
-    h2 = max(f, (height // 2) // f * f)
-    w2 = h2 + f
-    return [(1, height, width), (2, height, width), (1, h2, w2), (2, h2, w2)]
-
-
-def _case_name(batch: int, h: int, w: int) -> str:
-    return f"b{batch} {h}x{w}"
-
-
-def _inputs_for(
-    spec: GraphSpec, case: tuple[int, int, int], ehs: np.ndarray, ids: np.ndarray, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    batch, h, w = case
-    feeds = spec.sample_inputs(batch, h, w, rng, timesteps=VALIDATION_TIMESTEPS[:batch])
-    if "encoder_hidden_states" in feeds:
-        feeds["encoder_hidden_states"] = np.resize(ehs, (batch, *ehs.shape[1:])).astype(np.float32)
-    if "input_ids" in feeds:
-        feeds["input_ids"] = np.resize(ids, (batch, ids.shape[1]))
-    return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feeds.items()}
-
-
-def _to_graph_dtype(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {t.name: feeds[t.name].astype(t.dtype) for t in spec.inputs}
+    return records
 
 
 # ---------------------------------------------------------------- the export
@@ -293,29 +184,34 @@ def _recipe_key(source_hash: str, recipe: ExportRecipe) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _reusable(out: Path, record: dict[str, Any] | None, key: str) -> bool:
-    if not record or record.get("recipe_key") != key or not record.get("passed"):
+def _reusable(out: Path, variant: Variant | None, key: str) -> bool:
+    if variant is None or variant.recipe_key != key or not variant.passed:
         return False
-    return all((out / n).exists() and (out / n).stat().st_size == s for n, s in record["files"].items())
+    return all((out / n).is_file() and (out / n).stat().st_size == r.size for n, r in variant.files.items())
 
 
-def _export_tokenizer(source: ModelSource, out: Path, geom: Geometry) -> dict[str, Any]:
+def _export_tokenizer(source: ModelSource, out: Path, geom: Geometry) -> TokenizerInfo:
     transformers = require("transformers")
-    tok = transformers.CLIPTokenizer.from_pretrained(source.path / "tokenizer")
+    try:
+        tok = transformers.CLIPTokenizer.from_pretrained(source.path / "tokenizer")
+    except (OSError, ValueError, TypeError) as exc:
+        raise EffdiffError(
+            f"cannot load the tokenizer of {source.path}: {str(exc).splitlines()[0]}"
+        ) from None
     tmp = out / f".tmp-tokenizer-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(tmp)  # converts vocab.json + merges.txt folders to tokenizer.json too
     final = out / TOKENIZER_DIR
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    return {
-        "file": f"{TOKENIZER_DIR}/tokenizer.json",
-        "max_length": min(int(tok.model_max_length), geom.text_len),
-        "bos_id": int(tok.bos_token_id),
-        "eos_id": int(tok.eos_token_id),
-        "pad_id": int(tok.pad_token_id),
-        "vocab_size": len(tok),
-    }
+    return TokenizerInfo(
+        file=TOKENIZER_FILE,
+        max_length=min(int(tok.model_max_length), geom.text_len),
+        bos_id=int(tok.bos_token_id),
+        eos_id=int(tok.eos_token_id),
+        pad_id=int(tok.pad_token_id),
+        vocab_size=len(tok),
+    )
 
 
 def _quiet_libraries() -> None:
@@ -327,6 +223,27 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TORCH_LOGS", "-all")
 
 
+def _old_manifest(out: Path) -> Manifest | None:
+    """The folder's manifest when it is one this effdiff reads; anything else is replaced."""
+    if not (out / MANIFEST).exists():
+        return None
+    try:
+        return Manifest.read(out)
+    except EffdiffError:
+        return None
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before the work when a folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise EffdiffError(f"cannot write to {folder}: {exc.strerror}") from None
+
+
 def export_onnx(
     model: str,
     out: Path,
@@ -335,201 +252,158 @@ def export_onnx(
     log: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export, validate, and describe in `out/manifest.json`. Raises ValidationFailed (artifacts kept)
-    when a graph is beyond tolerance, EffdiffError for bad input."""
+    when a graph is beyond tolerance, EffdiffError for bad input or a folder another writer holds."""
     recipe = recipe or ExportRecipe()
+    if recipe.precision not in ONNX_PRECISIONS:
+        raise EffdiffError("ONNX export writes fp32 or fp16; for int8 run `effdiff-export int8` afterwards")
     log = log or (lambda _msg: None)
-    torch = require("torch")
-    _quiet_libraries()
+    _quiet_libraries()  # also the first import of the `export` extra: a missing one is named first
+    out = Path(out)
+    check_writable(out)
     from effdiff.export.split import geometry_from_configs
 
     source = resolve_model(model)
     geom = geometry_from_configs(source.unet_config, source.vae_config, source.text_config)
-    lat_h = (recipe.height or source.unet_config.get("sample_size", 64) * geom.vae_factor) // geom.vae_factor
-    lat_w = (recipe.width or source.unet_config.get("sample_size", 64) * geom.vae_factor) // geom.vae_factor
+    sample = source.unet_config.get("sample_size", 64) * geom.vae_factor
     for name, px in (("height", recipe.height), ("width", recipe.width)):
-        if px is not None and (px <= 0 or px % (geom.unet_factor * geom.vae_factor)):
-            raise EffdiffError(
-                f"--{name} {px} must be a positive multiple of {geom.unet_factor * geom.vae_factor}"
-            )
+        if px is not None and (px <= 0 or px % geom.pixel_multiple):
+            raise EffdiffError(f"--{name} {px} must be a positive multiple of {geom.pixel_multiple}")
+    lat_h, lat_w = geom.latent_size(recipe.height or sample, recipe.width or sample)
+    with folder_lock(out, "an export"):
+        return _export_locked(source, geom, (lat_h, lat_w), out, recipe, progress, log)
 
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise EffdiffError(f"cannot write to {out}: {exc.strerror}") from exc
 
+def _export_locked(
+    source: ModelSource,
+    geom: Geometry,
+    size: tuple[int, int],
+    out: Path,
+    recipe: ExportRecipe,
+    progress: bool,
+    log: Callable[[str], None],
+) -> ExportReport:
     log(f"hashing {source.path} ...")
     source_hash = source.content_hash()
     key = _recipe_key(source_hash, recipe)
-    old: dict[str, Any] = {}
-    if (out / MANIFEST).exists():
-        try:
-            old = json.loads((out / MANIFEST).read_text())
-        except json.JSONDecodeError:
-            old = {}
-    if old.get("source", {}).get("content_hash") not in (None, source_hash):
-        log(f"{out} held an export of another model; its graphs will be replaced")
-
-    manifest = new_manifest()
-    manifest.update(
-        source={"model": source.name, "path": str(source.path), "content_hash": source_hash},
+    old = _old_manifest(out)
+    foreign = old.source.content_hash != source_hash if old is not None else (out / MANIFEST).exists()
+    if foreign:
+        # Drop the old manifest before writing anything of the new model: the folder is then never a
+        # mix of two models that the runtime would accept (it refuses a folder without a manifest).
+        log(f"{out} held an export of another model (or of another effdiff); it will be replaced")
+        (out / MANIFEST).unlink()
+        old = None
+    tokenizer = _export_tokenizer(source, out, geom)
+    write_json(out / SCHEDULER_CONFIG, source.scheduler_config)
+    manifest = Manifest(
+        source=SourceInfo(source.name, str(source.path), source_hash),
         family=source.family,
         prediction_type=source.prediction_type,
+        geometry=geom,
+        export_size=size,
+        tokenizer=tokenizer,
         recipe=recipe.to_json(),
-        geometry=geom.to_json(),
-        export_size={"latent_height": lat_h, "latent_width": lat_w},
-        scheduler_config=SCHEDULER_CONFIG,
+        support_files={n: FileRecord.of(out / n) for n in (TOKENIZER_FILE, SCHEDULER_CONFIG)},
+        graphs={g: dict(vs) for g, vs in old.graphs.items()} if old else {},
+        chain_validation=dict(old.chain_validation) if old else {},
     )
-    manifest["tokenizer"] = _export_tokenizer(source, out, geom)
-    write_json(out / SCHEDULER_CONFIG, source.scheduler_config)
-    specs = build_specs(geom, recipe.precision.float_dtype, manifest["tokenizer"]["vocab_size"])
-    manifest["skip_layout"] = [
-        {"name": n, "channels": c, "downsample": 2**lv}
-        for n, (c, lv) in zip(specs["unet_encoder"].output_names[1:], geom.skips, strict=True)
-    ]
-    old_graphs = old.get("graphs", {}) if old.get("schema_version") == manifest["schema_version"] else {}
-
-    tokenizer = PromptTokenizer(
-        out / manifest["tokenizer"]["file"],
-        manifest["tokenizer"]["max_length"],
-        manifest["tokenizer"]["pad_id"],
-        manifest["tokenizer"]["eos_id"],
+    variant_name = recipe.precision.value
+    specs = build_specs(geom, recipe.precision.float_dtype, tokenizer.vocab_size)
+    fp32_specs = build_specs(geom, "float32", tokenizer.vocab_size)
+    backend = OrtBackend(["CPUExecutionProvider"])
+    ids = PromptTokenizer(out / tokenizer.file, tokenizer.max_length, tokenizer.pad_id, tokenizer.eos_id)(
+        list(VALIDATION_PROMPTS)
     )
-    ids = tokenizer(list(VALIDATION_PROMPTS))
-    cases = _cases(geom, lat_h, lat_w)
-    tol = recipe.precision.tolerance
+    tol = TOLERANCE[recipe.precision]
     results: list[GraphResult] = []
-    ehs: np.ndarray | None = None
-    component_name, component = None, None
+    ehs = np.zeros((1, geom.text_len, geom.text_hidden), np.float32)
+    loaded: dict[str, Any] = {}  # the one diffusers component in memory
+
+    def component(name: str) -> Any:
+        if name not in loaded:
+            loaded.clear()
+            gc.collect()
+            loaded[name] = load_component(source, name)
+        return loaded[name]
 
     bar = tqdm(GRAPHS, desc="export", unit="graph", disable=not progress)
-    for graph in bar:
-        bar.set_postfix_str(graph)
-        spec = specs[graph]
-        dest = graph_path(out, graph)
-        record = old_graphs.get(graph)
-        if _reusable(out, record, key):
-            manifest["graphs"][graph] = record
-            results.append(
-                GraphResult(graph, skipped=True, comparisons=[Comparison(**c) for c in record["validation"]])
-            )
-            log(f"{graph}: already exported with this recipe, kept")
-            if graph == "text_encoder":
-                ehs = OrtGraph(dest, spec).run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
+    for graph_name in bar:
+        bar.set_postfix_str(graph_name)
+        export, spec = EXPORTS[graph_name], specs[graph_name]
+        file = variant_file(graph_name, variant_name)
+        previous = manifest.graphs.get(graph_name, {}).get(variant_name)
+        if _reusable(out, previous, key):
+            assert previous is not None
+            results.append(GraphResult(graph_name, skipped=True, comparisons=list(previous.validation)))
+            log(f"{graph_name}: already exported with this recipe, kept")
+            if graph_name == "text_encoder":
+                graph = backend.open(out / file, spec)
+                ehs = graph.run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
             continue
         start = time.perf_counter()
         with PeakRSS() as mem:
-            if COMPONENT_OF[graph] != component_name:
-                component = None
-                gc.collect()
-                component_name = COMPONENT_OF[graph]
-                component = load_component(source, component_name)
-            module = _torch_modules(graph, component)
-            rng = np.random.default_rng(0)
-            # the text encoder has no spatial axes: two batch sizes are its cases
-            graph_cases = cases[:2] if graph == "text_encoder" else cases
-            case_inputs = [
-                _inputs_for(
-                    spec,
-                    c,
-                    ehs if ehs is not None else np.zeros((1, geom.text_len, geom.text_hidden), np.float32),
-                    ids,
-                    rng,
-                )
-                for c in graph_cases
-            ]
-            if graph == "unet_decoder":
-                # realistic features: the PyTorch encoder's outputs on realistic latents
-                enc_spec = specs["unet_encoder"]
-                encoder = _torch_modules("unet_encoder", component)
-                for feeds, c in zip(case_inputs, graph_cases, strict=True):
-                    enc_feeds = _inputs_for(enc_spec, c, feeds["encoder_hidden_states"], ids, rng)
-                    feeds.update(_run_torch(encoder, enc_spec, enc_feeds))
-            refs = [_run_torch(module, spec, f) for f in case_inputs]
-            with torch.inference_mode():
-                files = _export_graph(
-                    module, spec, _to_graph_dtype(spec, case_inputs[0]), dest, recipe.opset, recipe.precision
-                )
-            stale = set((record or {}).get("files", {})) - {f.name for f in files}
+            module = export.module(component(export.component))
+            cases = export.cases(geom, *size)
+            trace_feeds = to_graph_dtype(
+                spec, case_inputs(spec, cases[0], ehs, ids, np.random.default_rng(0))
+            )
+            files = _export_graph(module, spec, trace_feeds, out / file, recipe.opset, recipe.precision)
+            stale = set(previous.files if previous else ()) - {f.name for f in files}
             for name in stale:
                 (out / name).unlink(missing_ok=True)
-            sizes = _install(files, out, dest)
+            records = install_files(files, out, file)
             gc.collect()
-            session = OrtGraph(dest, spec)
-            comparisons: list[Comparison] = []
-            for feeds, ref, c in zip(case_inputs, refs, graph_cases, strict=True):
-                got = session.run(_to_graph_dtype(spec, feeds))
-                case = f"b{c[0]}" if graph == "text_encoder" else _case_name(*c)
-                comparisons += compare(graph, case, got, ref, tol)
-                if graph == "text_encoder" and ehs is None:
-                    ehs = got["last_hidden_state"].astype(np.float32)
-            if graph == "text_encoder":
-                ehs = session.run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
-            del session, refs
+            graph = backend.open(out / file, spec)
+            feature_module = (
+                EXPORTS[export.features_from].module(component(export.component))
+                if export.features_from is not None
+                else None
+            )
+            comparisons = validate_graph(
+                export, module, graph, fp32_specs, cases, ehs, ids, tol, feature_module
+            )
+            if graph_name == "text_encoder":
+                ehs = graph.run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
+            del graph, module, feature_module
             gc.collect()
-        result = GraphResult(graph, False, time.perf_counter() - start, mem.peak_gib, comparisons)
+        seconds = time.perf_counter() - start
+        result = GraphResult(graph_name, False, seconds, mem.peak_gib, comparisons)
         results.append(result)
-        manifest["graphs"][graph] = {
-            "file": dest.name,
-            "files": sizes,
-            "external_data": len(sizes) > 1,
-            "io": spec.to_json(),
-            "dynamic_axes": {k: {str(i): n for i, n in v.items()} for k, v in spec.dynamic_axes().items()},
-            "recipe_key": key,
-            "passed": result.passed,
-            "export_seconds": round(result.seconds, 2),
-            "peak_rss_gib": round(result.peak_rss_gib, 3),
-            "validation": [asdict(c) for c in comparisons],
-        }
-        write_manifest(out, manifest)  # after every graph: an interrupted export resumes from here
-        log(f"{graph}: exported in {result.seconds:.1f} s, peak RSS {result.peak_rss_gib:.2f} GiB")
+        variants = manifest.graphs.setdefault(graph_name, {})
+        variants[variant_name] = Variant(
+            name=variant_name,
+            precision=recipe.precision,
+            file=file,
+            files=records,
+            validation=comparisons,
+            recipe_key=key,
+            stats={"seconds": round(seconds, 2), "peak_rss_gib": round(mem.peak_gib, 3)},
+        )
+        # Variants made from the one just replaced (INT8, engines) no longer match it.
+        for name, other in list(variants.items()):
+            if (
+                other.meta.get("source_variant") == variant_name
+                and other.meta.get("source_sha256") != records[file].sha256
+            ):
+                del variants[name]
+        manifest.write(out)  # after every graph: an interrupted export resumes from here
+        log(f"{graph_name}: exported in {seconds:.1f} s, peak RSS {mem.peak_gib:.2f} GiB")
 
-    # The chain decoder(encoder(x)) in ONNX against the whole diffusers UNet in PyTorch.
-    if component_name != "unet":
-        component = None
-        gc.collect()
-        component = load_component(source, "unet")
     with PeakRSS() as mem:
-        chain = _validate_chain(out, specs, component, cases, ehs, ids, tol)
-    chain.peak_rss_gib = mem.peak_gib
-    results.append(chain)
-    component = None
+        start = time.perf_counter()
+        encoder = backend.open(out / variant_file("unet_encoder", variant_name), specs["unet_encoder"])
+        decoder = backend.open(out / variant_file("unet_decoder", variant_name), specs["unet_decoder"])
+        whole = EXPORTS["unet"].module(component("unet"))
+        chain = validate_chain(
+            encoder, decoder, whole, fp32_specs["unet"], EXPORTS["unet"].cases(geom, *size), ehs, ids, tol
+        )
+        del encoder, decoder, whole
+    loaded.clear()
     gc.collect()
-    manifest["chain_validation"] = [asdict(c) for c in results[-1].comparisons]
-    manifest["passed"] = all(r.passed for r in results)
-    write_manifest(out, manifest)
+    results.append(GraphResult("chain", False, time.perf_counter() - start, mem.peak_gib, chain))
+    manifest.chain_validation[variant_name] = chain
+    manifest.write(out)
     report = ExportReport(out, manifest, results)
     if not report.passed:
         raise ValidationFailed(report.table())
     return report
-
-
-def _validate_chain(
-    out: Path,
-    specs: dict[str, GraphSpec],
-    unet: Any,
-    cases: list[tuple[int, int, int]],
-    ehs: np.ndarray | None,
-    ids: np.ndarray,
-    tol: float,
-) -> GraphResult:
-    from effdiff.export.split import WholeUNet
-
-    start = time.perf_counter()
-    enc_spec, dec_spec, whole_spec = specs["unet_encoder"], specs["unet_decoder"], specs["unet"]
-    rng = np.random.default_rng(1)
-    assert ehs is not None
-    inputs = [_inputs_for(whole_spec, c, ehs, ids, rng) for c in cases]
-    refs = [_run_torch(WholeUNet(unet).eval(), whole_spec, f) for f in inputs]
-    encoder = OrtGraph(graph_path(out, "unet_encoder"), enc_spec)
-    features = [encoder.run(_to_graph_dtype(enc_spec, f)) for f in inputs]
-    del encoder
-    decoder = OrtGraph(graph_path(out, "unet_decoder"), dec_spec)
-    comparisons = []
-    for f, feat, ref, c in zip(inputs, features, refs, cases, strict=True):
-        feeds = _to_graph_dtype(dec_spec, {**f, **feat})
-        comparisons += compare("chain", _case_name(*c), decoder.run(feeds), ref, tol)
-    return GraphResult("chain", False, time.perf_counter() - start, comparisons=comparisons)

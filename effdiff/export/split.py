@@ -86,10 +86,18 @@ class UNetEncoder(nn.Module):
         return (mid, *skips)
 
 
-class UNetDecoder(nn.Module):
-    """(timestep, encoder_hidden_states, mid, *skips) -> noise prediction.
+def repeat_rows(x: Any, times: Any) -> Any:
+    """(B, ...) -> (times * B, ...), step-major: row j * B + b is row b of step j."""
+    return x.repeat(times, *([1] * (x.dim() - 1)))
 
-    Latent height/width must be multiples of the UNet factor, so up blocks need no explicit upsample_size.
+
+class UNetDecoder(nn.Module):
+    """(timestep (k*B,), encoder_hidden_states (B,..), mid (B,..), *skips (B,..)) -> noise (k*B, ...).
+
+    One call may decode k steps that share one key step's features: `timestep` holds k*B rows and
+    the features and text embeddings are repeated k times here, inside the graph, so no backend copies
+    them k times on the host. Latent height/width must be multiples of the UNet factor, so up blocks
+    need no explicit upsample_size.
     """
 
     def __init__(self, unet: Any) -> None:
@@ -98,6 +106,10 @@ class UNetDecoder(nn.Module):
 
     def forward(self, timestep: Any, encoder_hidden_states: Any, mid: Any, *skips: Any) -> Any:
         unet = self.unet
+        steps = timestep.shape[0] // mid.shape[0]
+        mid = repeat_rows(mid, steps)
+        skips = tuple(repeat_rows(s, steps) for s in skips)
+        encoder_hidden_states = repeat_rows(encoder_hidden_states, steps)
         emb = time_embedding(unet, mid, timestep)
         hidden = mid
         remaining = skips

@@ -1,16 +1,22 @@
-"""Text-to-image from exported artifacts with numpy + onnxruntime + tokenizers only.
+"""Text-to-image from exported artifacts in three parts: `encode_prompt`, `denoise`, `decode`.
 
-Classifier-free guidance runs as one batch of 2B rows: [negative x B, prompt x B], as diffusers does.
-With encoder propagation the encoder runs at key steps only and the decoder calls that share one key
-step's features run as one batch; with `none` the whole-UNet graph runs at every step.
+Classifier-free guidance runs as one batch of 2B rows, [negative x B, prompt x B], as diffusers does.
+With encoder propagation the encoder runs at key steps only, and the decoder calls that share one key
+step's features run as one call (the decoder graph repeats the features per step inside). With the
+`none` schedule the whole-UNet graph runs at every step.
+
+`denoise` can start and stop at any step: a run split at step k and continued with the same plan
+reproduces the uninterrupted run exactly; a fresh plan started at k (retrieval start) begins the
+multistep history anew, as the sampler does at step 0. Hooks see every step's latents (and may replace
+them) and every graph's feeds (calibration capture).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
+import math
+import numbers
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,127 +25,370 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from effdiff.artifacts import check_complete, graph_path, manifest_specs, read_json, read_manifest
-from effdiff.bench.memory import PeakRSS
+from effdiff.artifacts import SCHEDULER_CONFIG, Manifest, check_files, read_json
 from effdiff.errors import EffdiffError
-from effdiff.runtime.backend import OrtGraph, default_providers
-from effdiff.runtime.propagation import DEFAULT_INJECTION, KeySchedule, NoiseInjection
-from effdiff.runtime.schedulers import make_scheduler
+from effdiff.runtime.backends import Backend, Graph, get_backend
+from effdiff.runtime.graphs import FeedsCallback, GraphSet, RecordingGraph, Usage
+from effdiff.runtime.images import tiled_decode, to_pil
+from effdiff.runtime.propagation import AUTO, KeySchedule, NoiseInjection, resolve_injection
+from effdiff.runtime.schedulers import Scheduler, make_scheduler
 from effdiff.runtime.tokenizer import PromptTokenizer
-from effdiff.specs import Geometry
+from effdiff.specs import GRAPHS, Precision
 
-COMPONENTS = ("text_encoder", "unet_encoder", "unet_decoder", "unet", "vae_decoder")
+StepCallback = Callable[[int, float, np.ndarray], "np.ndarray | None"]
+
+
+@dataclass
+class Hooks:
+    """`on_step(index, timestep, latents)` runs after every sampler step and may return replacement
+    latents (as diffusers' callback_on_step_end); `on_graph(name, feeds)` sees every graph call's
+    inputs as host arrays before it runs."""
+
+    on_step: StepCallback | None = None
+    on_graph: FeedsCallback | None = None
+
+
+@dataclass
+class Conditioning:
+    """Text embeddings for a batch: rows [negative x B, prompt x B] when guided, else [prompt x B]."""
+
+    embeddings: np.ndarray  # (rows, text_len, hidden); small, so kept on the host
+    batch: int
+    guidance_scale: float
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def rows(self) -> int:
+        return 2 * self.batch if self.guided else self.batch
+
+
+@dataclass
+class DenoisePlan:
+    """The sampler (with its multistep state), the key-step schedule and the options of one run."""
+
+    scheduler: Scheduler
+    schedule: KeySchedule
+    max_decoder_batch: int
+    noise_injection: NoiseInjection | None
+
+    @property
+    def steps(self) -> int:
+        return len(self.scheduler.timesteps)
 
 
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
     latents: np.ndarray  # final latents, model space (B, C, h, w)
-    timings: dict[str, float]  # seconds per component, "overhead", "total", "load"
+    timings: dict[str, float]  # seconds per graph, "overhead", "total", "load"
     calls: dict[str, int]
-    peak_rss_gib: float
     key_steps: tuple[int, ...]
+    peak_rss_gib: float | None = None  # only when the caller asked to measure memory
+    info: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Stats:
-    run: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
-    calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0))
-    load: float = 0.0
-
-    def add(self, graph: OrtGraph, run_before: float, calls_before: int) -> None:
-        self.run[graph.spec.name] += graph.run_seconds - run_before
-        self.calls[graph.spec.name] += graph.calls - calls_before
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise EffdiffError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise EffdiffError(f"{name} must be >= {minimum}, got {value}")
 
 
-def to_pil(images: np.ndarray) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers rounds."""
-    arr = np.clip(images.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+def check_guidance(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise EffdiffError(f"guidance scale must be a finite number, got {value!r}")
+    if value < 0:
+        raise EffdiffError(f"guidance scale must be >= 0, got {value}")
+    return float(value)
+
+
+def _prompts(prompt: Any) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise EffdiffError("prompt must be a string or a non-empty list of strings")
+    return list(prompts)
+
+
+def _check_finite(values: np.ndarray, graph: str, where: str) -> None:
+    if not np.isfinite(values).all():
+        raise EffdiffError(
+            f"{graph} returned NaN or infinity {where}; the artifacts may be corrupt (`effdiff verify`) "
+            "or this precision overflows for the inputs"
+        )
 
 
 class Pipeline:
-    """Load once, call many times. `lean=True` keeps only one component's session alive at a time."""
+    """Load once, call many times. `lean=True` keeps one component's graph open at a time."""
 
     def __init__(
-        self, artifacts: Path, manifest: dict[str, Any], providers: list[str] | None, lean: bool
+        self,
+        artifacts: Path,
+        manifest: Manifest,
+        backend: Backend,
+        precision: Precision,
+        resident: tuple[str, ...] | None = None,
     ) -> None:
         self.artifacts = Path(artifacts)
         self.manifest = manifest
-        self.specs = manifest_specs(manifest)
-        self.geometry = Geometry.from_json(manifest["geometry"])
-        self.providers = providers
-        self.lean = lean
-        tok = manifest["tokenizer"]
-        self.tokenizer = PromptTokenizer(
-            self.artifacts / tok["file"], tok["max_length"], tok["pad_id"], tok["eos_id"]
-        )
-        self.scheduler_config = read_json(self.artifacts / manifest["scheduler_config"], "re-run the export")
-        self._sessions: dict[str, OrtGraph] = {}
+        self.backend = backend
+        self.precision = precision
+        self.geometry = manifest.geometry
+        tok = manifest.tokenizer
+        self.tokenizer = PromptTokenizer(self.artifacts / tok.file, tok.max_length, tok.pad_id, tok.eos_id)
+        self.scheduler_config = read_json(self.artifacts / SCHEDULER_CONFIG, "re-run the export")
+        self.variants = {g: manifest.choose(g, precision) for g in GRAPHS if g in manifest.graphs}
+        self.specs = {g: manifest.spec(g, v) for g, v in self.variants.items()}
+        self.graphs = GraphSet({g: self._loader(g) for g in self.variants}, resident)
 
     @classmethod
     def load(
         cls,
         artifacts: str | Path,
-        backend: str = "ort",
+        backend: str | Backend = "ort",
         providers: list[str] | None = None,
         lean: bool = False,
+        precision: Precision | str | None = None,
     ) -> Pipeline:
-        if backend != "ort":
-            raise EffdiffError(f"unknown backend {backend!r}; available: ort")
+        """Read and check the manifest, then open the text encoder and VAE (unless `lean`); UNet graphs
+        open on first use, so a run opens only the ones its schedule needs."""
         artifacts = Path(artifacts)
-        manifest = read_manifest(artifacts)
-        check_complete(artifacts, manifest, ("text_encoder", "vae_decoder"))
-        pipe = cls(artifacts, manifest, providers, lean)
+        manifest = Manifest.read(artifacts)
+        check_files(artifacts, manifest.support_files)
+        if isinstance(backend, str):
+            backend = get_backend(backend, **({"providers": providers} if providers else {}))
+        chosen = manifest.default_precision() if precision is None else Precision.parse(precision)
+        for graph in ("text_encoder", "vae_decoder"):
+            check_files(artifacts, manifest.choose(graph, chosen).files)
+        pipe = cls(artifacts, manifest, backend, chosen, resident=() if lean else None)
         if not lean:
             for name in ("text_encoder", "vae_decoder"):
-                pipe.open_session(name)
+                pipe.graphs.open(name)
         return pipe
 
-    # ------------------------------------------------------------ sessions
+    def _loader(self, graph: str) -> Callable[[], Graph]:
+        variant = self.variants[graph]
 
-    def open_session(self, name: str) -> OrtGraph:
-        """Create (or return) a graph's session now, e.g. so its load time stays out of a timed run."""
-        if name not in self._sessions:
-            check_complete(self.artifacts, self.manifest, (name,))
-            self._sessions[name] = OrtGraph(
-                graph_path(self.artifacts, name), self.specs[name], self.providers
-            )
-        return self._sessions[name]
+        def load() -> Graph:
+            if variant.format not in self.backend.formats:
+                raise EffdiffError(
+                    f"{graph}: the {self.backend.name} backend cannot run {variant.format} variants"
+                )
+            check_files(self.artifacts, variant.files)
+            return self.backend.open(self.artifacts / variant.file, self.specs[graph])
 
-    @contextlib.contextmanager
-    def _using(self, names: tuple[str, ...], stats: _Stats) -> Iterator[dict[str, OrtGraph]]:
-        """Sessions for one phase; in lean mode they are created here and released after."""
-        graphs = {}
-        for n in names:
-            fresh = n not in self._sessions
-            graphs[n] = self.open_session(n)
-            if fresh:
-                stats.load += graphs[n].load_seconds
-        before = {n: (g.run_seconds, g.calls) for n, g in graphs.items()}
-        try:
-            yield graphs
-        finally:
-            for n, g in graphs.items():
-                stats.add(g, *before[n])
-            if self.lean:
-                for n in names:
-                    self._sessions.pop(n, None)
-                graphs.clear()
-                gc.collect()
+        return load
 
-    # ------------------------------------------------------------ generation
+    @property
+    def lean(self) -> bool:
+        return not self.graphs.resident
+
+    def open_graph(self, name: str) -> Graph:
+        """Open a graph now (or return it), e.g. so its load time stays out of a timed run."""
+        return self.graphs.open(name)
 
     def auto_decoder_batch(self) -> int:
-        """Decoder steps per batch when the caller does not say: batching pays on GPUs; on CPU the
-        per-row cost rises with batch (measured: 0.71 -> 0.89 s per step at 8 steps, SD1.5 arch)."""
-        providers = self.providers or default_providers()
-        return 8 if any(p in providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")) else 1
+        """Decoder steps per call when the caller does not say: 8 where batching pays (GPUs), else 1."""
+        return 8 if self.backend.batches_pay() else 1
 
     def default_size(self) -> tuple[int, int]:
-        size = self.manifest["export_size"]
         f = self.geometry.vae_factor
-        return size["latent_height"] * f, size["latent_width"] * f
+        return self.manifest.export_size[0] * f, self.manifest.export_size[1] * f
+
+    def _graph(self, graphs: Mapping[str, Graph], name: str, hooks: Hooks | None) -> Graph:
+        graph = graphs[name]
+        if hooks is not None and hooks.on_graph is not None:
+            return RecordingGraph(graph, hooks.on_graph, self.backend.to_host)  # type: ignore[return-value]
+        return graph
+
+    # ------------------------------------------------------------ the three parts
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str = "",
+        num_images: int = 1,
+        guidance_scale: float = 7.5,
+        hooks: Hooks | None = None,
+        usage: Usage | None = None,
+    ) -> Conditioning:
+        prompts = _prompts(prompt)
+        if not isinstance(negative_prompt, str):
+            raise EffdiffError("negative_prompt must be a string")
+        _check_int("num_images", num_images, 1)
+        guidance_scale = check_guidance(guidance_scale)
+        batch = len(prompts) * num_images
+        cond = Conditioning(np.zeros(0, np.float32), batch, guidance_scale)
+        rows = [p for p in prompts for _ in range(num_images)]
+        texts = [negative_prompt] * batch + rows if cond.guided else rows
+        with self.graphs.using(("text_encoder",), usage or Usage()) as g:
+            graph = self._graph(g, "text_encoder", hooks)
+            out = graph.run({"input_ids": self.tokenizer(texts)})["last_hidden_state"]
+        out = self.backend.to_host(out)
+        _check_finite(out, "text_encoder", "for the prompts")
+        cond.embeddings = out
+        return cond
+
+    def plan(
+        self,
+        steps: int = 50,
+        sampler: str = "ddim",
+        propagation: KeySchedule | str = "none",
+        max_decoder_batch: int | None = None,
+        noise_injection: NoiseInjection | str | None = AUTO,
+    ) -> DenoisePlan:
+        """A fresh plan: sampler state at its start, key steps checked against `steps`."""
+        _check_int("steps", steps, 1)
+        _check_int("max_decoder_batch", max_decoder_batch, 1, optional=True)
+        if not isinstance(sampler, str):
+            raise EffdiffError(f"sampler must be a name, got {sampler!r}")
+        schedule = KeySchedule.parse(propagation) if isinstance(propagation, str) else propagation
+        if not isinstance(schedule, KeySchedule):
+            raise EffdiffError(f"propagation must be a schedule name or a KeySchedule, got {propagation!r}")
+        scheduler = make_scheduler(sampler, self.scheduler_config)
+        scheduler.set_timesteps(steps)
+        schedule.key_steps(steps)  # validates the schedule against the step count
+        batch = max_decoder_batch if max_decoder_batch is not None else self.auto_decoder_batch()
+        return DenoisePlan(scheduler, schedule, batch, resolve_injection(noise_injection, schedule))
+
+    def denoise(
+        self,
+        latents: np.ndarray,
+        cond: Conditioning,
+        plan: DenoisePlan,
+        start_step: int = 0,
+        stop_step: int | None = None,
+        injection_noise: np.ndarray | None = None,
+        hooks: Hooks | None = None,
+        usage: Usage | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Run steps [start_step, stop_step) from `latents` (the sampler's space at start_step); returns
+        the latents after the last step. `injection_noise` is z_T for prior noise injection."""
+        usage = usage or Usage()
+        stop = plan.steps if stop_step is None else stop_step
+        _check_int("start_step", start_step, 0)
+        _check_int("stop_step", stop, start_step + 1)
+        if stop > plan.steps:
+            raise EffdiffError(f"stop_step {stop} is beyond the plan's {plan.steps} steps")
+        if plan.noise_injection is not None and injection_noise is None:
+            raise EffdiffError("prior noise injection needs the initial noise (injection_noise)")
+        scheduler, rows, n_img = plan.scheduler, cond.rows, cond.batch
+        unet_names = ("unet_encoder", "unet_decoder") if plan.schedule.propagates else ("unet",)
+        float_dtype = np.dtype(self.specs[unet_names[0]].inputs[0].dtype)  # of `sample`
+        ehs = np.asarray(cond.embeddings).astype(float_dtype, copy=False)
+        guidance = np.float32(cond.guidance_scale)
+        x = latents
+
+        def guided(noise: np.ndarray, i: int, graph: str) -> np.ndarray:
+            noise = noise.astype(np.float32)
+            _check_finite(noise, graph, f"at step {i} (timestep {scheduler.timesteps[i]})")
+            if not cond.guided:
+                return noise
+            uncond, text = noise[:n_img], noise[n_img:]
+            return uncond + guidance * (text - uncond)
+
+        def model_input(x: np.ndarray, i: int) -> np.ndarray:
+            x = np.concatenate([x, x]) if cond.guided else x
+            return scheduler.scale_model_input(x, i).astype(float_dtype)
+
+        def timesteps(i: int) -> np.ndarray:
+            return np.full((rows,), scheduler.timesteps[i], dtype=np.float32)
+
+        def after_step(i: int, x: np.ndarray) -> np.ndarray:
+            inj = plan.noise_injection
+            if inj is not None and scheduler.timesteps[i] < inj.tau:
+                x = x + np.float32(inj.alpha) * injection_noise
+            if hooks is not None and hooks.on_step is not None:
+                replaced = hooks.on_step(i, float(scheduler.timesteps[i]), x)
+                x = x if replaced is None else replaced
+            bar.update()
+            return x
+
+        bar = tqdm(total=stop - start_step, desc="denoise", unit="step", disable=not progress)
+        with self.graphs.using(unet_names, usage) as g:
+            if not plan.schedule.propagates:
+                unet = self._graph(g, "unet", hooks)
+                for i in range(start_step, stop):
+                    feeds = {
+                        "sample": model_input(x, i),
+                        "timestep": timesteps(i),
+                        "encoder_hidden_states": ehs,
+                    }
+                    noise = self.backend.to_host(unet.run(feeds)["noise_pred"])
+                    x = after_step(i, scheduler.step(guided(noise, i, "unet"), i, x))
+            else:
+                encoder = self._graph(g, "unet_encoder", hooks)
+                decoder = self._graph(g, "unet_decoder", hooks)
+                keys = frozenset(plan.schedule.run_keys(plan.steps, start_step, stop))
+                features: dict[str, Any] = {}
+                for group in plan.schedule.groups(plan.steps, plan.max_decoder_batch, start_step, stop):
+                    if group[0] in keys:
+                        feeds = {
+                            "sample": model_input(x, group[0]),
+                            "timestep": timesteps(group[0]),
+                            "encoder_hidden_states": ehs,
+                        }
+                        features = encoder.run(feeds, host_outputs=False)  # stays on the device
+                    # One call for the group: rows step-major, each with its own timestep.
+                    dec_feeds = {
+                        **features,
+                        "encoder_hidden_states": ehs,
+                        "timestep": np.concatenate([timesteps(i) for i in group]),
+                    }
+                    out = self.backend.to_host(decoder.run(dec_feeds)["noise_pred"])
+                    for j, i in enumerate(group):
+                        step_noise = guided(out[j * rows : (j + 1) * rows], i, "unet_decoder")
+                        x = after_step(i, scheduler.step(step_noise, i, x))
+        bar.close()
+        return x
+
+    def decode(
+        self,
+        latents: np.ndarray,
+        vae_tile: int | None = None,
+        hooks: Hooks | None = None,
+        usage: Usage | None = None,
+    ) -> np.ndarray:
+        """Model-space latents -> images (B, 3, H, W) in [-1, 1]."""
+        _check_int("vae_tile", vae_tile, 1, optional=True)
+        dtype = np.dtype(self.specs["vae_decoder"].inputs[0].dtype)
+        with self.graphs.using(("vae_decoder",), usage or Usage()) as g:
+            vae = self._graph(g, "vae_decoder", hooks)
+            z = latents.astype(dtype)
+            images = (
+                tiled_decode(vae, z, vae_tile, self.geometry.vae_factor)
+                if vae_tile
+                else vae.run({"latent": z})["image"]
+            )
+        images = self.backend.to_host(images)
+        _check_finite(images, "vae_decoder", "for the final latents")
+        return images
+
+    # ------------------------------------------------------------ all together
+
+    def initial_noise(
+        self, batch: int, height: int, width: int, seed: int | None, latents: np.ndarray | None
+    ) -> np.ndarray:
+        """Unit-variance starting noise (B, C, h, w): `latents` when given (checked), else from `seed`."""
+        try:
+            lat_h, lat_w = self.geometry.latent_size(height, width)
+        except ValueError as exc:
+            raise EffdiffError(str(exc)) from None
+        shape = (batch, self.geometry.latent_channels, lat_h, lat_w)
+        if latents is None:
+            _check_int("seed", seed, 0, optional=True)
+            return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        if not isinstance(latents, np.ndarray) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if isinstance(latents, np.ndarray) else type(latents).__name__
+            raise EffdiffError(f"latents must be a numpy array of shape {shape}, got {got}")
+        if not np.isfinite(latents).all():
+            raise EffdiffError("latents contain NaN or infinity")
+        return latents.astype(np.float32)
 
     def __call__(
         self,
@@ -155,176 +404,56 @@ class Pipeline:
         num_images: int = 1,
         propagation: KeySchedule | str = "none",
         max_decoder_batch: int | None = None,
-        noise_injection: NoiseInjection | None = DEFAULT_INJECTION,
+        noise_injection: NoiseInjection | str | None = AUTO,
         vae_tile: int | None = None,
+        hooks: Hooks | None = None,
         progress: bool = False,
+        measure_memory: bool = False,
     ) -> GenerationResult:
-        schedule = KeySchedule.parse(propagation) if isinstance(propagation, str) else propagation
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if num_images < 1 or not prompts:
-            raise EffdiffError("need at least one prompt and num_images >= 1")
-        batch = len(prompts) * num_images
-        geom = self.geometry
+        """Generate. `latents` are unit-variance noise (scaled by the sampler's initial sigma here, as
+        diffusers does); `noise_injection="auto"` injects with propagation only; `measure_memory`
+        samples peak RSS in a background thread (off by default: it is a measuring concern)."""
+        prompts = _prompts(prompt)
+        _check_int("num_images", num_images, 1)
         default_h, default_w = self.default_size()
-        height, width = height or default_h, width or default_w
-        multiple = geom.unet_factor * geom.vae_factor
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise EffdiffError(
-                f"height and width must be positive multiples of {multiple}, got {height}x{width}"
-            )
-        lat_shape = (batch, geom.latent_channels, height // geom.vae_factor, width // geom.vae_factor)
-        scheduler = make_scheduler(sampler, self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        if max_decoder_batch is None:
-            max_decoder_batch = self.auto_decoder_batch()
-        groups = schedule.groups(steps, max_decoder_batch)  # validates key steps against `steps`
-        keys = frozenset(schedule.key_steps(steps))
-        # `latents` are unit-variance noise, scaled by the sampler's initial sigma as diffusers does.
-        if latents is None:
-            unit_noise = np.random.default_rng(seed).standard_normal(lat_shape).astype(np.float32)
-        elif tuple(latents.shape) != lat_shape:
-            raise EffdiffError(f"latents must have shape {lat_shape}, got {tuple(latents.shape)}")
-        else:
-            unit_noise = latents.astype(np.float32)
-        latents = unit_noise * np.float32(scheduler.init_noise_sigma)
-        cfg = guidance_scale > 1.0
-        stats = _Stats()
-        float_dtype = np.dtype(self.manifest["recipe"]["float_dtype"])
+        for name, value in (("height", height), ("width", width)):
+            _check_int(name, value, 1, optional=True)
+        height = default_h if height is None else height
+        width = default_w if width is None else width
+        plan = self.plan(steps, sampler, propagation, max_decoder_batch, noise_injection)
+        check_guidance(guidance_scale)
+        _check_int("vae_tile", vae_tile, 1, optional=True)
+        batch = len(prompts) * num_images
+        unit_noise = self.initial_noise(batch, height, width, seed, latents)
 
-        with PeakRSS() as mem:
+        usage = Usage()
+        monitor = None
+        if measure_memory:
+            from effdiff.profiling import PeakRSS
+
+            monitor = PeakRSS()
+            monitor.__enter__()
+        try:
             start = time.perf_counter()
-            with self._using(("text_encoder",), stats) as g:
-                rows = [p for p in prompts for _ in range(num_images)]
-                texts = [negative_prompt] * batch + rows if cfg else rows
-                ehs = g["text_encoder"].run({"input_ids": self.tokenizer(texts)})["last_hidden_state"]
-            n_rows = ehs.shape[0]
-
-            def guided(noise: np.ndarray) -> np.ndarray:
-                noise = noise.astype(np.float32)
-                if not cfg:
-                    return noise
-                uncond, text = noise[:batch], noise[batch:]
-                return uncond + np.float32(guidance_scale) * (text - uncond)
-
-            def model_input(x: np.ndarray, i: int) -> np.ndarray:
-                x = np.concatenate([x, x]) if cfg else x
-                return scheduler.scale_model_input(x, i).astype(float_dtype)
-
-            def timesteps(i: int, n: int) -> np.ndarray:
-                return np.full((n,), scheduler.timesteps[i], dtype=np.float32)
-
-            bar = tqdm(total=steps, desc="denoise", unit="step", disable=not progress)
-            x = latents
-            if not schedule.propagates:
-                with self._using(("unet",), stats) as g:
-                    for i in range(steps):
-                        feeds = {
-                            "sample": model_input(x, i),
-                            "timestep": timesteps(i, n_rows),
-                            "encoder_hidden_states": ehs,
-                        }
-                        x = scheduler.step(guided(g["unet"].run(feeds)["noise_pred"]), i, x)
-                        bar.update()
-            else:
-                with self._using(("unet_encoder", "unet_decoder"), stats) as g:
-                    features: dict[str, np.ndarray] = {}
-                    for group in groups:
-                        if group[0] in keys:
-                            feeds = {
-                                "sample": model_input(x, group[0]),
-                                "timestep": timesteps(group[0], n_rows),
-                                "encoder_hidden_states": ehs,
-                            }
-                            features = g["unet_encoder"].run(feeds)
-                        k = len(group)
-                        # One decoder batch for k steps: rows step-major, each with its own timestep.
-                        dec_feeds = {
-                            name: np.concatenate([v] * k) if k > 1 else v for name, v in features.items()
-                        }
-                        dec_feeds["encoder_hidden_states"] = np.concatenate([ehs] * k) if k > 1 else ehs
-                        dec_feeds["timestep"] = np.concatenate([timesteps(i, n_rows) for i in group])
-                        out = g["unet_decoder"].run(dec_feeds)["noise_pred"]
-                        for j, i in enumerate(group):
-                            x = scheduler.step(guided(out[j * n_rows : (j + 1) * n_rows]), i, x)
-                            if noise_injection is not None and scheduler.timesteps[i] < noise_injection.tau:
-                                x = x + np.float32(noise_injection.alpha) * unit_noise
-                            bar.update()
-            bar.close()
-
-            with self._using(("vae_decoder",), stats) as g:
-                vae = g["vae_decoder"]
-                images = (
-                    tiled_decode(vae, x.astype(float_dtype), vae_tile, geom.vae_factor)
-                    if vae_tile
-                    else vae.run({"latent": x.astype(float_dtype)})["image"]
-                )
-            total = time.perf_counter() - start
-
-        timings = {k: round(v, 6) for k, v in stats.run.items()}
-        timings["overhead"] = max(0.0, total - stats.load - sum(stats.run.values()))
-        timings["total"] = total
-        timings["load"] = stats.load
-        return GenerationResult(
-            to_pil(images), x, timings, dict(stats.calls), mem.peak_gib, tuple(sorted(keys))
-        )
-
-
-def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    """Images side by side in rows of `cols`."""
-    cols = cols or len(images)
-    rows = -(-len(images) // cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-def save_image(images: list[Image.Image], path: Path) -> None:
-    """One image, or a grid of several, written atomically as PNG."""
-    from effdiff.artifacts import atomic_path
-
-    img = images[0] if len(images) == 1 else image_grid(images)
-    with atomic_path(Path(path)) as tmp:
-        img.save(tmp, format="PNG")
-
-
-def tiled_decode(
-    vae: OrtGraph, latents: np.ndarray, tile: int, factor: int, overlap: int | None = None
-) -> np.ndarray:
-    """Decode overlapping latent tiles and feather them together, so peak memory follows the tile size.
-
-    GroupNorm and attention in the VAE see one tile at a time, so results differ slightly from a
-    whole decode (as in diffusers' tiled VAE); overlaps hide the seams.
-    """
-    b, _, h, w = latents.shape
-    if tile >= h and tile >= w:
-        return vae.run({"latent": latents})["image"]
-    overlap = overlap if overlap is not None else max(1, tile // 4)
-    stride = max(1, tile - overlap)
-
-    def starts(n: int) -> list[int]:
-        pos = list(range(0, max(n - tile, 0) + 1, stride))
-        return pos if pos[-1] + tile >= n else [*pos, n - tile]
-
-    out = np.zeros((b, 3, h * factor, w * factor), np.float32)
-    weight = np.zeros((1, 1, h * factor, w * factor), np.float32)
-    ramp_len = overlap * factor
-    for y in starts(h):
-        for x in starts(w):
-            th, tw = min(tile, h), min(tile, w)
-            part = vae.run({"latent": np.ascontiguousarray(latents[:, :, y : y + th, x : x + tw])})["image"]
-            ys = np.minimum(np.arange(th * factor) + 1, np.arange(th * factor)[::-1] + 1)
-            xs = np.minimum(np.arange(tw * factor) + 1, np.arange(tw * factor)[::-1] + 1)
-            wy = np.clip(ys / ramp_len, 1e-3, 1.0)
-            wx = np.clip(xs / ramp_len, 1e-3, 1.0)
-            wgt = (wy[:, None] * wx[None, :])[None, None].astype(np.float32)
-            sl = (
-                slice(None),
-                slice(None),
-                slice(y * factor, (y + th) * factor),
-                slice(x * factor, (x + tw) * factor),
+            cond = self.encode_prompt(prompts, negative_prompt, num_images, guidance_scale, hooks, usage)
+            x = unit_noise * np.float32(plan.scheduler.init_noise_sigma)
+            x = self.denoise(
+                x, cond, plan, injection_noise=unit_noise, hooks=hooks, usage=usage, progress=progress
             )
-            out[sl] += part.astype(np.float32) * wgt
-            weight[sl] += wgt
-    return out / weight
+            images = self.decode(x, vae_tile, hooks, usage)
+            total = time.perf_counter() - start
+        finally:
+            if monitor is not None:
+                monitor.__exit__(None, None, None)
+        timings = {k: round(v, 6) for k, v in usage.seconds.items()}
+        timings["overhead"] = max(0.0, total - usage.load_seconds - sum(usage.seconds.values()))
+        timings["total"] = total
+        timings["load"] = usage.load_seconds
+        return GenerationResult(
+            to_pil(images),
+            x,
+            timings,
+            dict(usage.calls),
+            plan.schedule.run_keys(plan.steps),
+            monitor.peak_gib if monitor is not None else None,
+        )

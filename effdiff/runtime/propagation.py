@@ -9,6 +9,7 @@ through their outputs in order.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 from effdiff.errors import EffdiffError
@@ -106,15 +107,26 @@ class KeySchedule:
             )
         return tuple(steps)
 
-    def groups(self, num_steps: int, max_decoder_batch: int) -> list[tuple[int, ...]]:
-        """Step indices whose decoder calls run as one batch: each group shares one key step's features."""
+    def run_keys(self, num_steps: int, start: int = 0, stop: int | None = None) -> tuple[int, ...]:
+        """Key steps of a run over steps [start, stop): the schedule's, plus `start` itself, since a run
+        that begins mid-schedule (retrieval start, a resumed run) has no features to reuse yet."""
+        stop = num_steps if stop is None else stop
+        if not 0 <= start < stop <= num_steps:
+            raise EffdiffError(f"steps [{start}, {stop}) are not a range within 0..{num_steps}")
+        keys = [k for k in self.key_steps(num_steps) if start <= k < stop]
+        return tuple(sorted({start, *keys}))
+
+    def groups(
+        self, num_steps: int, max_decoder_batch: int, start: int = 0, stop: int | None = None
+    ) -> list[tuple[int, ...]]:
+        """Step indices whose decoder calls run as one call: each group shares one key step's features."""
         if max_decoder_batch < 1:
             raise EffdiffError(f"max decoder batch must be >= 1, got {max_decoder_batch}")
-        keys = self.key_steps(num_steps)
-        bounds = [*keys, num_steps]
+        stop = num_steps if stop is None else stop
+        bounds = [*self.run_keys(num_steps, start, stop), stop]
         out = []
-        for start, stop in itertools.pairwise(bounds):
-            span = tuple(range(start, stop))
+        for first, end in itertools.pairwise(bounds):
+            span = tuple(range(first, end))
             out += [span[i : i + max_decoder_batch] for i in range(0, len(span), max_decoder_batch)]
         return out
 
@@ -126,10 +138,30 @@ class KeySchedule:
 
 @dataclass(frozen=True)
 class NoiseInjection:
-    """Prior noise injection: z <- z + alpha * z_T at steps whose timestep is below tau."""
+    """Prior noise injection: z <- z + alpha * z_T after steps whose timestep is below tau."""
 
     alpha: float = 0.003
     tau: float = 500.0
 
+    def __post_init__(self) -> None:
+        for name in ("alpha", "tau"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise EffdiffError(f"noise injection {name} must be a finite number, got {value!r}")
+        if self.alpha < 0:
+            raise EffdiffError(f"noise injection alpha must be >= 0, got {self.alpha}")
 
+
+# Faster Diffusion's prior noise injection, the default with encoder propagation.
 DEFAULT_INJECTION = NoiseInjection()
+AUTO = "auto"
+
+
+def resolve_injection(value: NoiseInjection | str | None, schedule: KeySchedule) -> NoiseInjection | None:
+    """`"auto"`: Faster Diffusion's injection when the schedule propagates, none otherwise; None: off;
+    a NoiseInjection: applied on every path, the whole-UNet one included."""
+    if value is None or isinstance(value, NoiseInjection):
+        return value if value is None or value.alpha > 0 else None
+    if value == AUTO:
+        return DEFAULT_INJECTION if schedule.propagates else None
+    raise EffdiffError(f"noise_injection must be 'auto', None or a NoiseInjection, got {value!r}")

@@ -156,15 +156,19 @@ class DDIMScheduler(Scheduler):
         prev_t = t - self.num_train_timesteps // self.num_inference_steps
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        x0, eps = _x0_eps(self.prediction_type, model_output, sample, a_t)
+        x0, eps = predicted_x0_eps(self.prediction_type, model_output, sample, a_t)
         if self.config["clip_sample"]:
             r = self.config["clip_sample_range"]
             x0 = np.clip(x0, -r, r)
         return (math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps).astype(sample.dtype)
 
 
-def _x0_eps(kind: str, out: np.ndarray, sample: np.ndarray, a_t: float) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted clean sample and noise from the model output, by prediction type."""
+def predicted_x0_eps(
+    kind: str, out: np.ndarray, sample: np.ndarray, a_t: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted clean sample and noise from the model output, by prediction type, for a
+    variance-preserving `sample` = sqrt(a_t) x0 + sqrt(1 - a_t) eps. The one place every sampler
+    (and retrieval start) turns a model output into x0."""
     sa, sb = math.sqrt(a_t), math.sqrt(1 - a_t)
     if kind == "epsilon":
         return (sample - sb * out) / sa, out
@@ -222,13 +226,10 @@ class EulerDiscreteScheduler(Scheduler):
 
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
         sigma = self.sigmas[i]
-        kind = self.prediction_type
-        if kind == "epsilon":
-            x0 = sample - sigma * model_output
-        elif kind == "v_prediction":
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        else:
-            x0 = model_output
+        # k-diffusion's sample is x0 + sigma * eps; in variance-preserving terms it is scaled by
+        # 1/sqrt(sigma^2 + 1) at alpha_bar = 1/(sigma^2 + 1).
+        scale = (sigma**2 + 1) ** 0.5
+        x0, _ = predicted_x0_eps(self.prediction_type, model_output, sample / scale, 1.0 / scale**2)
         derivative = (sample - x0) / sigma
         return (sample + derivative * (self.sigmas[i + 1] - sigma)).astype(sample.dtype)
 
@@ -311,12 +312,7 @@ class DPMSolverMultistepScheduler(Scheduler):
             or cfg["final_sigmas_type"] == "zero"
         )
         alpha_s0, sigma_s0, lam_s0 = self._lambda(self.sigmas[i])
-        if self.prediction_type == "epsilon":
-            x0 = (sample - sigma_s0 * model_output) / alpha_s0
-        elif self.prediction_type == "v_prediction":
-            x0 = alpha_s0 * sample - sigma_s0 * model_output
-        else:
-            x0 = model_output
+        x0, _ = predicted_x0_eps(self.prediction_type, model_output, sample, alpha_s0**2)
         self.model_outputs = [*self.model_outputs[1:], x0]
         alpha_t, sigma_t, lam_t = self._lambda(self.sigmas[i + 1])
         h = lam_t - lam_s0
@@ -355,5 +351,13 @@ def sampler_class(sampler: str) -> type[Scheduler]:
 
 
 def make_scheduler(sampler: str, config: dict[str, Any]) -> Scheduler:
-    """A sampler by name, configured from the exported scheduler config."""
-    return sampler_class(sampler)(config)
+    """A sampler by name, configured from the exported scheduler config; EffdiffError when the config
+    lacks a value or holds one of the wrong type."""
+    cls = sampler_class(sampler)
+    try:
+        return cls(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise EffdiffError(
+            f"the scheduler config does not fit the {sampler} sampler ({type(exc).__name__}: {exc}); "
+            "re-run the export"
+        ) from None

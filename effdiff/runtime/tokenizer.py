@@ -17,7 +17,13 @@ class PromptTokenizer:
     def __init__(self, tokenizer_json: Path, max_length: int, pad_id: int, eos_id: int) -> None:
         if not Path(tokenizer_json).exists():
             raise EffdiffError(f"{tokenizer_json} is missing; re-run the export")
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        except Exception as exc:  # tokenizers raises a bare Exception for unreadable or malformed files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EffdiffError(
+                f"{tokenizer_json} cannot be read as a tokenizer ({first}); re-run the export"
+            ) from None
         # Saved tokenizer.json files may carry padding/truncation from their last use; we do both here.
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()

@@ -1,4 +1,4 @@
-"""A procedural text-to-image dataset: one coloured shape on a plain background, with an English prompt.
+"""The reference model's procedural dataset: one coloured shape on a plain background, and its prompt.
 
 "a small red triangle at the top left on a gray background". Deterministic from a seed; a fixed set of
 (kind, colour) pairs is held out of training to measure generalisation to unseen prompts.

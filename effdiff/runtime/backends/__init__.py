@@ -1,0 +1,75 @@
+"""The backend interface: a `Graph` runs one exported graph; a `Backend` opens graphs of the variants
+it understands. The denoising loop sees only these two protocols, so ONNX Runtime, PyTorch, TensorRT
+and CoreML plug in beside each other (Polygraphy's runners have the same shape: one `run(feeds)`).
+
+Values a graph returns with `host_outputs=False` may live on the backend's device (an OrtValue on the
+GPU, a CUDA tensor); they can be fed to another graph of the same backend without a trip through the
+host. `Backend.to_host` brings one back as a numpy array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from effdiff.errors import EffdiffError
+from effdiff.specs import GraphSpec
+
+
+@runtime_checkable
+class Graph(Protocol):
+    """One graph, loaded and ready. `run` checks its feeds against `spec` before the backend sees them."""
+
+    spec: GraphSpec
+
+    def run(self, feeds: Mapping[str, Any], host_outputs: bool = True) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Opens graphs. `formats` are the variant formats it runs ("onnx", "trt", "coreml", "torch")."""
+
+    name: str
+    formats: tuple[str, ...]
+
+    def open(self, path: Path, spec: GraphSpec) -> Graph: ...
+
+    def batches_pay(self) -> bool:
+        """Whether one decoder call over k steps is cheaper than k calls (GPUs: yes; 2 CPU cores: no)."""
+        ...
+
+    def to_host(self, value: Any) -> np.ndarray: ...
+
+    def describe(self) -> str: ...
+
+
+BackendFactory = Callable[..., Backend]
+_REGISTRY: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    _REGISTRY[name] = factory
+
+
+def backend_names() -> tuple[str, ...]:
+    _register_builtins()
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """A backend by name with its options (e.g. providers for ort); EffdiffError listing the choices."""
+    _register_builtins()
+    if name not in _REGISTRY:
+        raise EffdiffError(f"unknown backend {name!r}; available: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](**options)
+
+
+def _register_builtins() -> None:
+    if "ort" not in _REGISTRY:
+        from effdiff.runtime.backends.ort import OrtBackend
+
+        register_backend("ort", OrtBackend)

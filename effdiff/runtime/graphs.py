@@ -1,0 +1,120 @@
+"""Graphs as the denoising loop uses them: opened lazily through loaders, kept or released by a
+loading policy, timed by a wrapper, and seen by a recording wrapper when a hook asks for their feeds.
+
+Lean mode is a policy (`resident=()`: nothing stays open between phases), not a branch in the loop;
+a memory plan chooses which graphs stay resident the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from effdiff.runtime.backends import Graph
+from effdiff.specs import GRAPHS, GraphSpec
+
+GraphLoader = Callable[[], Graph]
+FeedsCallback = Callable[[str, Mapping[str, np.ndarray]], None]
+
+
+class TimedGraph:
+    """A graph that accumulates its run time and call count."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.spec: GraphSpec = graph.spec
+        self.seconds = 0.0
+        self.calls = 0
+
+    def run(self, feeds: Mapping[str, Any], host_outputs: bool = True) -> dict[str, Any]:
+        start = time.perf_counter()
+        out = self.graph.run(feeds, host_outputs)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    def close(self) -> None:
+        self.graph.close()
+
+
+class RecordingGraph:
+    """Calls `on_feeds(graph name, feeds as host arrays)` before every run (INT8 calibration capture)."""
+
+    def __init__(self, graph: Any, on_feeds: FeedsCallback, to_host: Callable[[Any], np.ndarray]) -> None:
+        self.graph = graph
+        self.spec: GraphSpec = graph.spec
+        self._on_feeds = on_feeds
+        self._to_host = to_host
+
+    def run(self, feeds: Mapping[str, Any], host_outputs: bool = True) -> dict[str, Any]:
+        self._on_feeds(self.spec.name, {n: self._to_host(v) for n, v in feeds.items()})
+        return self.graph.run(feeds, host_outputs)
+
+    def close(self) -> None:
+        self.graph.close()
+
+
+@dataclass
+class Usage:
+    """What one generation spent per graph: run seconds and calls, and seconds spent opening graphs."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(GRAPHS, 0.0))
+    calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GRAPHS, 0))
+    load_seconds: float = 0.0
+
+
+class GraphSet:
+    """Opens graphs on first use through their loaders; keeps the `resident` ones open afterwards and
+    releases the others when the phase that used them ends."""
+
+    def __init__(self, loaders: Mapping[str, GraphLoader], resident: tuple[str, ...] | None = None) -> None:
+        self.loaders = dict(loaders)
+        self.resident = tuple(self.loaders) if resident is None else tuple(resident)
+        self._open: dict[str, TimedGraph] = {}
+        self.load_seconds: dict[str, float] = {}
+
+    @property
+    def open_names(self) -> tuple[str, ...]:
+        return tuple(self._open)
+
+    def open(self, name: str) -> TimedGraph:
+        """Open a graph now (or return it), e.g. so its load time stays out of a timed run."""
+        if name not in self._open:
+            start = time.perf_counter()
+            self._open[name] = TimedGraph(self.loaders[name]())
+            self.load_seconds[name] = time.perf_counter() - start
+        return self._open[name]
+
+    def release(self, name: str) -> None:
+        graph = self._open.pop(name, None)
+        if graph is not None:
+            graph.close()
+            del graph
+            gc.collect()
+
+    @contextlib.contextmanager
+    def using(self, names: tuple[str, ...], usage: Usage) -> Iterator[dict[str, TimedGraph]]:
+        """The graphs one phase needs; what this phase opened and is not resident is released after."""
+        graphs: dict[str, TimedGraph] = {}
+        for name in names:
+            fresh = name not in self._open
+            graphs[name] = self.open(name)
+            if fresh:
+                usage.load_seconds += self.load_seconds[name]
+        before = {n: (g.seconds, g.calls) for n, g in graphs.items()}
+        try:
+            yield graphs
+        finally:
+            for name, graph in graphs.items():
+                usage.seconds[name] += graph.seconds - before[name][0]
+                usage.calls[name] += graph.calls - before[name][1]
+            graphs.clear()
+            for name in names:
+                if name not in self.resident:
+                    self.release(name)
