@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,34 @@ def variant_file(graph: str, variant: str, suffix: str = ".onnx") -> str:
 # ---------------------------------------------------------------- atomic writes and hashes
 
 
+def check_writable_folder(folder: Path) -> Path:
+    """Create `folder` if needed and prove it writable, before any work that would write there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise EffdiffError(f"cannot write to {folder}: {exc.strerror}") from None
+    return folder
+
+
+def check_writable_file(path: Path, suffix: str | None = None) -> Path:
+    """Fail before the work, not after it, when a file cannot be written where the user asked."""
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise EffdiffError(f"{path} must be a {suffix} file")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise EffdiffError(f"cannot write {path}: folder {parent} does not exist")
+    if path.is_dir():
+        raise EffdiffError(f"cannot write {path}: it is a folder")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise EffdiffError(f"cannot write {path}: permission denied")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it into place only if the block succeeds."""
@@ -60,6 +89,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files and folders a killed writer left (`.tmp-*` folders, `.NAME.*.tmp` files). Call
+    only while holding the folder's lock: then no live writer owns them."""
+    for stale in [*Path(folder).glob(".tmp-*"), *Path(folder).glob(".*.tmp")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -235,7 +274,7 @@ class Manifest:
         }.get(name, "re-run the export")
         raise EffdiffError(f"{graph} has no {name} variant in this folder (it has: {have}); {how}")
 
-    def choose(self, graph: str, precision: Precision | str) -> Variant:
+    def find(self, graph: str, precision: Precision | str) -> Variant | None:
         """The variant a pipeline at `precision` runs for `graph`: the same precision when the folder
         has it; else, for graphs that have no INT8 form (text encoder, VAE), the best float variant."""
         want = Precision.parse(precision)
@@ -246,7 +285,11 @@ class Manifest:
             for fallback in (Precision.FP32, Precision.FP16):
                 if fallback.value in found:
                     return found[fallback.value]
-        return self.variant(graph, want.value)
+        return None
+
+    def choose(self, graph: str, precision: Precision | str) -> Variant:
+        """`find`, or EffdiffError naming the variants the folder has and how to make the missing one."""
+        return self.find(graph, precision) or self.variant(graph, Precision.parse(precision).value)
 
     def default_precision(self) -> Precision:
         """fp32 when every graph has it, else fp16 (an fp16-only export)."""
@@ -347,17 +390,107 @@ class Manifest:
         write_json(Path(folder) / MANIFEST, self.to_json())
 
 
-def check_files(folder: Path, records: dict[str, FileRecord]) -> None:
-    """The cheap check every load does: each file exists with its recorded size."""
+# ---------------------------------------------------------------- integrity
+
+# Which files were last hashed and found whole, keyed by what `stat` says of them then. A file whose
+# size, mtime, ctime and inode are unchanged since is trusted without hashing it again; any write to
+# it (even in place, keeping its size) or a copy of the folder changes ctime, so it is hashed again
+# before use. ctime cannot be set back by a user; a deliberate forger with root can, which is out of
+# scope (`effdiff verify` and `verify=True` always hash).
+STAMP_FILE = ".effdiff-verified.json"
+
+
+@dataclass
+class FileCheck:
+    name: str
+    size: int
+    ok: bool
+    hashed: bool  # False: trusted from the stamp of an earlier verification
+    problem: str = ""
+    seconds: float = 0.0
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _stamp_path(folder: Path) -> Path:
+    """In the folder when it is writable, else in the user's cache (a read-only install)."""
+    folder = Path(folder).resolve()
+    if os.access(folder, os.W_OK):
+        return folder / STAMP_FILE
+    cache = Path(os.environ.get("EFFDIFF_CACHE", Path.home() / ".cache" / "effdiff")) / "verified"
+    return cache / (hashlib.sha256(str(folder).encode()).hexdigest()[:24] + ".json")
+
+
+def _read_stamp(folder: Path) -> dict[str, list[Any]]:
+    try:
+        data = json.loads(_stamp_path(folder).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamp(folder: Path, stamp: dict[str, list[Any]]) -> None:
+    with contextlib.suppress(OSError):  # best effort: an unwritable cache only costs a re-hash next time
+        write_json(_stamp_path(folder), stamp)
+
+
+def mark_verified(folder: Path, records: dict[str, FileRecord]) -> None:
+    """Record files just written and hashed (by an export) as verified, so the first load trusts them."""
+    stamp = _read_stamp(folder)
     for name, record in records.items():
-        file = Path(folder) / name
-        if not file.is_file():
-            raise EffdiffError(f"{file} is missing; {REEXPORT.format(folder=folder)}")
-        size = file.stat().st_size
-        if size != record.size:
+        stamp[name] = [record.sha256, *_stat_key(Path(folder) / name)]
+    _write_stamp(folder, stamp)
+
+
+def verify_files(folder: Path, records: dict[str, FileRecord], full: bool = False) -> list[FileCheck]:
+    """Check each file against its record: existence and size always; sha256 when `full`, or when the
+    file changed since it was last verified. Never raises for a bad file: see `check_files`."""
+    import time
+
+    folder = Path(folder)
+    stamp = _read_stamp(folder)
+    checks, changed = [], False
+    for name, record in records.items():
+        path = folder / name
+        if not path.is_file():
+            checks.append(FileCheck(name, record.size, False, False, "is missing"))
+            continue
+        key = _stat_key(path)
+        if key[0] != record.size:
+            problem = f"has {key[0]} bytes, the manifest says {record.size}"
+            checks.append(FileCheck(name, record.size, False, False, problem))
+            continue
+        if not full and stamp.get(name) == [record.sha256, *key]:
+            checks.append(FileCheck(name, record.size, True, False))
+            continue
+        start = time.perf_counter()
+        digest = sha256_file(path)
+        ok = digest == record.sha256
+        problem = (
+            ""
+            if ok
+            else f"does not match its sha256 in the manifest ({digest[:12]}... != {record.sha256[:12]}...)"
+        )
+        checks.append(FileCheck(name, record.size, ok, True, problem, time.perf_counter() - start))
+        if ok:
+            stamp[name], changed = [digest, *key], True
+    if changed:
+        _write_stamp(folder, stamp)
+    return checks
+
+
+def check_files(folder: Path, records: dict[str, FileRecord], full: bool = False) -> None:
+    """What every load does before using files: `verify_files`, and the first problem as EffdiffError
+    naming the file (a missing file, a wrong size, content that no longer matches its checksum)."""
+    for check in verify_files(folder, records, full):
+        if not check.ok:
+            file = Path(folder) / check.name
             raise EffdiffError(
-                f"{file} has {size} bytes, the manifest says {record.size}; it was changed or "
-                f"truncated: {REEXPORT.format(folder=folder)}"
+                f"{file} {check.problem}; it was changed, truncated or corrupted after the export: "
+                f"{REEXPORT.format(folder=folder)}"
             )
 
 
@@ -384,3 +517,41 @@ def folder_lock(folder: Path, what: str = "an export") -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    checks: list[FileCheck]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def table(self) -> str:
+        lines = [f"{'file':<36} {'MiB':>9} {'sha256':>8}  {'s':>6}  result", "-" * 72]
+        for c in self.checks:
+            how, result = "hashed" if c.hashed else "-", "ok" if c.ok else c.problem
+            lines.append(f"{c.name:<36} {c.size / 2**20:>9.1f} {how:>8}  {c.seconds:>6.2f}  {result}")
+        size = sum(c.size for c in self.checks) / 2**20
+        bad = sum(not c.ok for c in self.checks)
+        lines.append(
+            f"{len(self.checks)} files, {size:.0f} MiB, {self.seconds:.2f} s: "
+            + ("all match the manifest" if not bad else f"{bad} do NOT match the manifest")
+        )
+        return "\n".join(lines)
+
+
+def verify_artifacts(folder: Path, full: bool = True) -> VerifyReport:
+    """Every file the manifest relies on (support files, every variant of every graph), hashed."""
+    import time
+
+    start = time.perf_counter()
+    manifest = Manifest.read(folder)
+    records = dict(manifest.support_files)
+    for variants in manifest.graphs.values():
+        for variant in variants.values():
+            records.update(variant.files)
+    checks = verify_files(folder, records, full)
+    return VerifyReport(Path(folder), checks, time.perf_counter() - start)

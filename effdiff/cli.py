@@ -38,13 +38,29 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group()
+class OneLineGroup(click.Group):
+    """click's own usage errors (a bad integer, an unknown option) as one `error:` line too, not click's
+    three-line usage block: every bad input gets one line and a non-zero exit."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=OneLineGroup)
 @click.version_option(__version__, prog_name="effdiff")
 def main() -> None:
     """effdiff: export Stable-Diffusion-class models as split-UNet graphs and run them fast."""
 
 
-@click.group("export")
+@click.group("export", cls=OneLineGroup)
 def export_main() -> None:
     """Export a diffusers model to deployable artifacts."""
 
@@ -132,14 +148,13 @@ def generate_cmd(
     quiet: bool,
 ) -> None:
     """Text to image from exported artifacts (numpy + onnxruntime only)."""
+    from effdiff.artifacts import check_writable_file
     from effdiff.runtime.images import save_image
     from effdiff.runtime.pipeline import Pipeline
     from effdiff.runtime.propagation import KeySchedule, NoiseInjection
     from effdiff.runtime.schedulers import sampler_class
 
-    if out.suffix.lower() != ".png":
-        raise EffdiffError(f"--out must be a .png file, got {out}")
-    check_writable(out)
+    check_writable_file(out, ".png")
     schedule = KeySchedule.parse(propagation)
     schedule.key_steps(steps)  # cheap checks before sessions load: steps, key steps, sampler
     sampler_class(sampler)
@@ -179,17 +194,18 @@ def generate_cmd(
     )
 
 
-def check_writable(path: Path) -> None:
-    """Fail before the work, not after it, when the output cannot be written."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise EffdiffError(f"cannot write {path}: folder {parent} does not exist")
-    if path.exists() and path.is_dir():
-        raise EffdiffError(f"cannot write {path}: it is a folder")
-    import os
+@main.command("verify")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="hash only files changed since their last verification")
+@user_errors
+def verify_cmd(artifacts: Path, quick: bool) -> None:
+    """Check every file of an artifacts folder against the sizes and sha256 sums in its manifest."""
+    from effdiff.artifacts import verify_artifacts
 
-    if not os.access(parent, os.W_OK):
-        raise EffdiffError(f"cannot write {path}: folder {parent} is not writable")
+    report = verify_artifacts(artifacts, full=not quick)
+    click.echo(report.table())
+    if not report.ok:
+        raise EffdiffError(f"{artifacts} does not match its manifest; re-export it")
 
 
 @main.command("bench")
@@ -229,11 +245,15 @@ def bench_cmd(
     quiet: bool,
 ) -> None:
     """Latency, memory and quality of each configuration and peer, side by side, with plots."""
+    from effdiff.artifacts import check_writable_folder
     from effdiff.bench.harness import BenchSettings, parse_configs, run_bench
     from effdiff.bench.report import markdown, write_report
+    from effdiff.runtime.pipeline import check_guidance
 
     if repeat < 1 or warmup < 0 or batch < 1:
         raise EffdiffError("--repeat and --batch must be >= 1 and --warmup >= 0")
+    check_guidance(guidance)
+    check_writable_folder(out)  # before the benchmark, not after it
     from effdiff.artifacts import Manifest
     from effdiff.reference.scenes import DEMO_SCENES
 
@@ -273,9 +293,13 @@ def bench_cmd(
 @user_errors
 def demo_cmd(out: Path, steps: int, no_peers: bool) -> None:
     """Export the bundled reference model, generate with each configuration, write a report folder."""
+    from effdiff.artifacts import check_writable_folder
     from effdiff.bench.demo import run_demo
     from effdiff.bench.report import markdown
 
+    if steps < 1:
+        raise EffdiffError(f"--steps must be >= 1, got {steps}")
+    check_writable_folder(out)
     report, _ = run_demo(
         out,
         steps=steps,

@@ -11,6 +11,7 @@ from typing import Any
 from effdiff.artifacts import atomic_path, write_json
 from effdiff.bench.device import describe
 from effdiff.bench.harness import BenchReport, Row
+from effdiff.errors import EffdiffError
 from effdiff.runtime.images import image_grid
 
 # The project's target (README): best configuration >= 3x faster end to end than diffusers, adherence
@@ -213,6 +214,14 @@ def _save(fig: Any, path: Path, plt: Any) -> Path:
 
 
 def write_report(report: BenchReport, out: Path) -> list[Path]:
+    """Every report file, or EffdiffError in one line when the folder cannot take them."""
+    try:
+        return _write_report(report, out)
+    except OSError as exc:
+        raise EffdiffError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+
+
+def _write_report(report: BenchReport, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report.to_json())
     for name, text in (("report.md", markdown(report)), ("report.csv", csv_text(report))):

@@ -37,7 +37,11 @@ from effdiff.artifacts import (
     SourceInfo,
     TokenizerInfo,
     Variant,
+    check_writable_folder,
     folder_lock,
+    mark_verified,
+    read_json,
+    remove_stale_temporaries,
     variant_file,
     write_json,
 )
@@ -171,6 +175,7 @@ def install_files(files: list[Path], out: Path, graph_file: str) -> dict[str, Fi
         records[f.name] = FileRecord.of(f)
         os.replace(f, out / f.name)
     shutil.rmtree(tmp, ignore_errors=True)
+    mark_verified(out, records)  # just hashed: the first load need not hash them again
     return records
 
 
@@ -202,8 +207,14 @@ def _export_tokenizer(source: ModelSource, out: Path, geom: Geometry) -> Tokeniz
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(tmp)  # converts vocab.json + merges.txt folders to tokenizer.json too
     final = out / TOKENIZER_DIR
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    same = (final / "tokenizer.json").is_file() and (final / "tokenizer.json").read_bytes() == (
+        tmp / "tokenizer.json"
+    ).read_bytes()
+    if same:  # a resumed export leaves the folder's tokenizer untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     return TokenizerInfo(
         file=TOKENIZER_FILE,
         max_length=min(int(tok.model_max_length), geom.text_len),
@@ -212,6 +223,12 @@ def _export_tokenizer(source: ModelSource, out: Path, geom: Geometry) -> Tokeniz
         pad_id=int(tok.pad_token_id),
         vocab_size=len(tok),
     )
+
+
+def _support_records(out: Path) -> dict[str, FileRecord]:
+    records = {n: FileRecord.of(out / n) for n in (TOKENIZER_FILE, SCHEDULER_CONFIG)}
+    mark_verified(out, records)
+    return records
 
 
 def _quiet_libraries() -> None:
@@ -233,17 +250,6 @@ def _old_manifest(out: Path) -> Manifest | None:
         return None
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before the work when a folder cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise EffdiffError(f"cannot write to {folder}: {exc.strerror}") from None
-
-
 def export_onnx(
     model: str,
     out: Path,
@@ -259,7 +265,7 @@ def export_onnx(
     log = log or (lambda _msg: None)
     _quiet_libraries()  # also the first import of the `export` extra: a missing one is named first
     out = Path(out)
-    check_writable(out)
+    check_writable_folder(out)
     from effdiff.export.split import geometry_from_configs
 
     source = resolve_model(model)
@@ -282,6 +288,7 @@ def _export_locked(
     progress: bool,
     log: Callable[[str], None],
 ) -> ExportReport:
+    remove_stale_temporaries(out)
     log(f"hashing {source.path} ...")
     source_hash = source.content_hash()
     key = _recipe_key(source_hash, recipe)
@@ -294,7 +301,12 @@ def _export_locked(
         (out / MANIFEST).unlink()
         old = None
     tokenizer = _export_tokenizer(source, out, geom)
-    write_json(out / SCHEDULER_CONFIG, source.scheduler_config)
+    try:
+        unchanged = read_json(out / SCHEDULER_CONFIG) == source.scheduler_config
+    except EffdiffError:
+        unchanged = False
+    if not unchanged:
+        write_json(out / SCHEDULER_CONFIG, source.scheduler_config)
     manifest = Manifest(
         source=SourceInfo(source.name, str(source.path), source_hash),
         family=source.family,
@@ -303,7 +315,7 @@ def _export_locked(
         export_size=size,
         tokenizer=tokenizer,
         recipe=recipe.to_json(),
-        support_files={n: FileRecord.of(out / n) for n in (TOKENIZER_FILE, SCHEDULER_CONFIG)},
+        support_files=_support_records(out),
         graphs={g: dict(vs) for g, vs in old.graphs.items()} if old else {},
         chain_validation=dict(old.chain_validation) if old else {},
     )

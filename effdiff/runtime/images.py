@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from effdiff.artifacts import atomic_path
+from effdiff.errors import EffdiffError
 from effdiff.runtime.backends import Graph
 
 
@@ -31,8 +32,11 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
 def save_image(images: list[Image.Image], path: Path) -> None:
     """One image, or a grid of several, written atomically as PNG."""
     img = images[0] if len(images) == 1 else image_grid(images)
-    with atomic_path(Path(path)) as tmp:
-        img.save(tmp, format="PNG")
+    try:
+        with atomic_path(Path(path)) as tmp:
+            img.save(tmp, format="PNG")
+    except OSError as exc:
+        raise EffdiffError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def tiled_decode(

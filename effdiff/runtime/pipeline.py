@@ -99,11 +99,17 @@ def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> N
         raise EffdiffError(f"{name} must be >= {minimum}, got {value}")
 
 
+# Beyond these a request is a mistake, not a workload: refused before memory is allocated for it.
+MAX_SIDE_PX = 16384
+MAX_IMAGES = 1024
+MAX_GUIDANCE = 100.0  # SD is used at 1..20; far above, guided noise overflows float32
+
+
 def check_guidance(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise EffdiffError(f"guidance scale must be a finite number, got {value!r}")
-    if value < 0:
-        raise EffdiffError(f"guidance scale must be >= 0, got {value}")
+    if not 0 <= value <= MAX_GUIDANCE:
+        raise EffdiffError(f"guidance scale must be in [0, {MAX_GUIDANCE:g}], got {value}")
     return float(value)
 
 
@@ -132,8 +138,10 @@ class Pipeline:
         backend: Backend,
         precision: Precision,
         resident: tuple[str, ...] | None = None,
+        verify: bool = False,
     ) -> None:
         self.artifacts = Path(artifacts)
+        self.verify = verify
         self.manifest = manifest
         self.backend = backend
         self.precision = precision
@@ -141,9 +149,10 @@ class Pipeline:
         tok = manifest.tokenizer
         self.tokenizer = PromptTokenizer(self.artifacts / tok.file, tok.max_length, tok.pad_id, tok.eos_id)
         self.scheduler_config = read_json(self.artifacts / SCHEDULER_CONFIG, "re-run the export")
-        self.variants = {g: manifest.choose(g, precision) for g in GRAPHS if g in manifest.graphs}
+        found = {g: manifest.find(g, precision) for g in GRAPHS}
+        self.variants = {g: v for g, v in found.items() if v is not None}
         self.specs = {g: manifest.spec(g, v) for g, v in self.variants.items()}
-        self.graphs = GraphSet({g: self._loader(g) for g in self.variants}, resident)
+        self.graphs = GraphSet({g: self._loader(g) for g in GRAPHS}, resident)
 
     @classmethod
     def load(
@@ -153,32 +162,46 @@ class Pipeline:
         providers: list[str] | None = None,
         lean: bool = False,
         precision: Precision | str | None = None,
+        verify: bool = False,
     ) -> Pipeline:
-        """Read and check the manifest, then open the text encoder and VAE (unless `lean`); UNet graphs
-        open on first use, so a run opens only the ones its schedule needs."""
+        """Read and check the manifest and the files a run needs; open no graph yet. Graphs open on first
+        use (so a run opens only those its schedule needs, and bad arguments are refused before any
+        expensive work); `open_graph` opens one ahead of time. Files are checked by size, and by sha256
+        when they changed since they were last verified, or always with `verify=True`."""
+        if not isinstance(artifacts, str | Path):
+            raise EffdiffError(f"artifacts must be a folder path, got {type(artifacts).__name__}")
         artifacts = Path(artifacts)
         manifest = Manifest.read(artifacts)
-        check_files(artifacts, manifest.support_files)
+        check_files(artifacts, manifest.support_files, full=verify)
+        if providers is not None and (
+            not isinstance(providers, list | tuple) or not all(isinstance(p, str) for p in providers)
+        ):
+            raise EffdiffError(f"providers must be a list of execution provider names, got {providers!r}")
         if isinstance(backend, str):
-            backend = get_backend(backend, **({"providers": providers} if providers else {}))
-        chosen = manifest.default_precision() if precision is None else Precision.parse(precision)
+            backend = get_backend(backend, **({"providers": list(providers)} if providers else {}))
+        try:
+            chosen = manifest.default_precision() if precision is None else Precision.parse(precision)
+        except ValueError as exc:
+            raise EffdiffError(str(exc)) from None
         for graph in ("text_encoder", "vae_decoder"):
-            check_files(artifacts, manifest.choose(graph, chosen).files)
-        pipe = cls(artifacts, manifest, backend, chosen, resident=() if lean else None)
-        if not lean:
-            for name in ("text_encoder", "vae_decoder"):
-                pipe.graphs.open(name)
-        return pipe
+            manifest.choose(graph, chosen)  # a missing variant is named now; UNet graphs by `plan`
+        return cls(artifacts, manifest, backend, chosen, resident=() if lean else None, verify=verify)
+
+    def require(self, graphs: tuple[str, ...]) -> None:
+        """EffdiffError naming the first graph without a variant at this pipeline's precision."""
+        for graph in graphs:
+            if graph not in self.variants:
+                self.manifest.choose(graph, self.precision)
 
     def _loader(self, graph: str) -> Callable[[], Graph]:
-        variant = self.variants[graph]
-
         def load() -> Graph:
+            self.require((graph,))
+            variant = self.variants[graph]
             if variant.format not in self.backend.formats:
                 raise EffdiffError(
                     f"{graph}: the {self.backend.name} backend cannot run {variant.format} variants"
                 )
-            check_files(self.artifacts, variant.files)
+            check_files(self.artifacts, variant.files, full=self.verify)
             return self.backend.open(self.artifacts / variant.file, self.specs[graph])
 
         return load
@@ -252,6 +275,7 @@ class Pipeline:
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(steps)
         schedule.key_steps(steps)  # validates the schedule against the step count
+        self.require(("unet_encoder", "unet_decoder") if schedule.propagates else ("unet",))
         batch = max_decoder_batch if max_decoder_batch is not None else self.auto_decoder_batch()
         return DenoisePlan(scheduler, schedule, batch, resolve_injection(noise_injection, schedule))
 
@@ -300,12 +324,23 @@ class Pipeline:
             return np.full((rows,), scheduler.timesteps[i], dtype=np.float32)
 
         def after_step(i: int, x: np.ndarray) -> np.ndarray:
+            if not np.isfinite(x).all():
+                raise EffdiffError(
+                    f"the latents became NaN or infinite at step {i} (timestep {scheduler.timesteps[i]}); "
+                    f"guidance scale {cond.guidance_scale:g} may be too large for this model"
+                )
             inj = plan.noise_injection
             if inj is not None and scheduler.timesteps[i] < inj.tau:
                 x = x + np.float32(inj.alpha) * injection_noise
             if hooks is not None and hooks.on_step is not None:
                 replaced = hooks.on_step(i, float(scheduler.timesteps[i]), x)
-                x = x if replaced is None else replaced
+                if replaced is not None:
+                    if not isinstance(replaced, np.ndarray) or replaced.shape != x.shape:
+                        got = getattr(replaced, "shape", type(replaced).__name__)
+                        raise EffdiffError(
+                            f"on_step hook returned {got} at step {i}; expected an array {x.shape}"
+                        )
+                    x = replaced.astype(np.float32, copy=False)
             bar.update()
             return x
 
@@ -420,10 +455,14 @@ class Pipeline:
             _check_int(name, value, 1, optional=True)
         height = default_h if height is None else height
         width = default_w if width is None else width
+        if max(height, width) > MAX_SIDE_PX:
+            raise EffdiffError(f"height and width must be at most {MAX_SIDE_PX} pixels, got {height}x{width}")
         plan = self.plan(steps, sampler, propagation, max_decoder_batch, noise_injection)
         check_guidance(guidance_scale)
         _check_int("vae_tile", vae_tile, 1, optional=True)
         batch = len(prompts) * num_images
+        if batch > MAX_IMAGES:
+            raise EffdiffError(f"at most {MAX_IMAGES} images per call (prompts x num_images), got {batch}")
         unit_noise = self.initial_noise(batch, height, width, seed, latents)
 
         usage = Usage()
