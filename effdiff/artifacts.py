@@ -380,7 +380,7 @@ class Manifest:
             )
         try:
             return cls.from_json(data)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             fix = REEXPORT.format(folder=folder)
             raise EffdiffError(
                 f"{path} is incomplete or malformed ({type(exc).__name__}: {exc}); {fix}"

@@ -75,15 +75,32 @@ main.add_command(export_main)
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
 @click.option("--height", type=int, help="image height in pixels used for validation (default: model's)")
 @click.option("--width", type=int, help="image width in pixels used for validation (default: model's)")
+@click.option(
+    "--cache-branch",
+    default=0,
+    show_default=True,
+    type=int,
+    help="DeepCache's branch (3 x block + layer) for the unet_deep/unet_shallow graphs",
+)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @user_errors
 def export_onnx_cmd(
-    model: str, out: Path, opset: int, precision: str, height: int | None, width: int | None, quiet: bool
+    model: str,
+    out: Path,
+    opset: int,
+    precision: str,
+    height: int | None,
+    width: int | None,
+    cache_branch: int,
+    quiet: bool,
 ) -> None:
-    """Split the UNet into encoder/decoder, export all graphs to ONNX and validate them against PyTorch."""
+    """Split the UNet into encoder/decoder (and DeepCache's deep/shallow graphs), export every graph to
+    ONNX and validate each against PyTorch."""
     from effdiff.export.onnx import ExportRecipe, Precision, export_onnx
 
-    recipe = ExportRecipe(opset=opset, precision=Precision(precision), height=height, width=width)
+    recipe = ExportRecipe(
+        opset=opset, precision=Precision(precision), height=height, width=width, cache_branch=cache_branch
+    )
     report = export_onnx(model, out, recipe, progress=not quiet, log=lambda m: click.echo(m, err=True))
     click.echo(report.table())
     click.echo(f"all graphs within tolerance; manifest: {out / 'manifest.json'}")
@@ -151,16 +168,19 @@ def generate_cmd(
     from effdiff.artifacts import check_writable_file
     from effdiff.runtime.images import save_image
     from effdiff.runtime.pipeline import Pipeline
-    from effdiff.runtime.propagation import KeySchedule, NoiseInjection
+    from effdiff.runtime.propagation import DEFAULT_INJECTION, KeySchedule, NoiseInjection
     from effdiff.runtime.schedulers import sampler_class
 
     check_writable_file(out, ".png")
     schedule = KeySchedule.parse(propagation)
     schedule.key_steps(steps)  # cheap checks before sessions load: steps, key steps, sampler
     sampler_class(sampler)
-    injection: NoiseInjection | str | None = "auto"
-    if noise_alpha is not None:
-        injection = NoiseInjection(noise_alpha, noise_tau) if noise_alpha != 0 else None
+    # checked even when it ends up unused: a bad value is a mistake worth telling
+    given = NoiseInjection(DEFAULT_INJECTION.alpha if noise_alpha is None else noise_alpha, noise_tau)
+    if noise_alpha is None:  # "auto": injection with propagation only, at the tau given
+        injection = given if schedule.propagates else None
+    else:
+        injection = given if noise_alpha != 0 else None
     pipe = Pipeline.load(
         artifacts, providers=providers.split(",") if providers else None, lean=lean, precision=precision
     )

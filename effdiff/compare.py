@@ -74,8 +74,8 @@ def compare_outputs(
 def worst_table(comparisons: list[Comparison]) -> list[str]:
     """Worst case per (graph, output), as the lines of a fixed-width table."""
     lines = [
-        f"{'graph':<16} {'output':<18} {'cases':>5} {'max abs diff':>13} {'rel L2':>10} {'tol':>8}  ok",
-        "-" * 80,
+        f"{'graph':<22} {'output':<18} {'cases':>5} {'max abs diff':>13} {'rel L2':>10} {'tol':>8}  ok",
+        "-" * 86,
     ]
     groups: dict[tuple[str, str], list[Comparison]] = {}
     for c in comparisons:
@@ -84,7 +84,7 @@ def worst_table(comparisons: list[Comparison]) -> list[str]:
         worst = max(comps, key=lambda c: c.rel_l2 if np.isfinite(c.rel_l2) else np.inf)
         mark = "yes" if all(c.passed for c in comps) else "NO"
         lines.append(
-            f"{graph:<16} {output:<18} {len(comps):>5} {max(c.max_abs for c in comps):>13.3e} "
+            f"{graph:<22} {output:<18} {len(comps):>5} {max(c.max_abs for c in comps):>13.3e} "
             f"{worst.rel_l2:>10.3e} {worst.tolerance:>8.0e}  {mark}"
         )
     return lines

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 # Every graph an export writes, in export order; the one place their names are listed.
-GRAPHS = ("text_encoder", "unet_encoder", "unet_decoder", "unet", "vae_decoder")
-UNET_GRAPHS = ("unet_encoder", "unet_decoder", "unet")
+GRAPHS = ("text_encoder", "unet_encoder", "unet_decoder", "unet", "unet_deep", "unet_shallow", "vae_decoder")
+UNET_GRAPHS = ("unet_encoder", "unet_decoder", "unet", "unet_deep", "unet_shallow")
 
 
 class Precision(str, Enum):
@@ -102,6 +102,10 @@ class Geometry:
     skips: tuple[tuple[int, int], ...]
     mid_channels: int
     mid_level: int
+    # DeepCache's recipe: its branch, and the deep feature's channels and downsampling level
+    cache_branch: int = 0
+    deep_channels: int = 0
+    deep_level: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,7 +273,7 @@ def _latent(name: str, channels: int, level: int, dtype: str) -> TensorSpec:
 def build_specs(
     geom: Geometry, float_dtype: str = "float32", vocab_size: int = 49408
 ) -> dict[str, GraphSpec]:
-    """The five graphs' specs. Timesteps are float32 per row so a decoder call can mix steps: its
+    """Every graph's spec. Timesteps are float32 per row so a decoder call can mix steps: its
     `timestep` has `rows` = steps x batch entries, and the graph repeats the features (and text
     embeddings) once per step inside, so no host ever copies them k times."""
     f = float_dtype
@@ -280,6 +284,7 @@ def build_specs(
     noise = _latent("noise_pred", geom.latent_channels, 0, f)
     rows_noise = TensorSpec("noise_pred", f, (ROWS, *noise.axes[1:]))
     mid = _latent("mid", geom.mid_channels, geom.mid_level, f)
+    deep = _latent("deep", geom.deep_channels, geom.deep_level, f)
     skips = tuple(_latent(n, c, lv, f) for n, (c, lv) in zip(skip_names(geom), geom.skips, strict=True))
     image_axes = (
         BATCH,
@@ -298,6 +303,8 @@ def build_specs(
         "unet_encoder": GraphSpec("unet_encoder", (sample, timestep, ehs), (mid, *skips), f),
         "unet_decoder": GraphSpec("unet_decoder", (rows_timestep, ehs, mid, *skips), (rows_noise,), f),
         "unet": GraphSpec("unet", (sample, timestep, ehs), (noise,), f),
+        "unet_deep": GraphSpec("unet_deep", (sample, timestep, ehs), (noise, deep), f),
+        "unet_shallow": GraphSpec("unet_shallow", (sample, timestep, ehs, deep), (noise,), f),
         "vae_decoder": GraphSpec(
             "vae_decoder",
             (_latent("latent", geom.latent_channels, 0, f),),

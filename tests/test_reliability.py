@@ -71,7 +71,7 @@ def test_same_size_corruption_is_caught(folder: Path, tmp_path: Path) -> None:
 def test_verify_reports_every_file(folder: Path) -> None:
     proc = run("effdiff", "verify", str(folder))
     assert proc.returncode == 0, proc.stderr
-    assert "7 files" in proc.stdout and "all match the manifest" in proc.stdout
+    assert "9 files" in proc.stdout and "all match the manifest" in proc.stdout
 
 
 def _forge(folder: Path, name: str) -> None:

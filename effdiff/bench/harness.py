@@ -55,21 +55,35 @@ def fd_schedule(sampler: str, steps: int) -> KeySchedule:
 
 
 def parse_configs(names: list[str], sampler: str, steps: int) -> list[BenchConfig]:
-    """`full`, `fd`, or `fd:SCHEDULE` (e.g. fd:uniform:4); INT8 and retrieval are refused until they exist."""
+    """Configurations composed with `+`: a schedule part (`full`, `fd` = the sampler's encoder-propagation
+    schedule, `fd:SCHEDULE`, `cache:N` = DeepCache's recipe every N steps) and modifiers (`int8`).
+    Examples: `full`, `fd`, `fd:uniform:4`, `cache:3`, `int8`, `fd+int8`, `cache:3+int8`."""
     out = []
     for name in names:
-        if name == "full":
-            out.append(BenchConfig("full", KeySchedule.none()))
-        elif name == "fd":
-            out.append(BenchConfig("fd", fd_schedule(sampler, steps)))
-        elif name.startswith("fd:"):
-            out.append(BenchConfig(name, KeySchedule.parse(name[3:])))
-        elif name in ("int8", "kb") or "+" in name:
-            raise EffdiffError(
-                f"configuration {name!r} needs INT8 / retrieval start, which this effdiff lacks yet"
-            )
-        else:
-            raise EffdiffError(f"unknown configuration {name!r}; use full, fd, fd:SCHEDULE")
+        schedule: KeySchedule | None = None
+        precision: Precision | None = None
+        for part in name.split("+"):
+            if part in ("full", "fd") or part.startswith(("fd:", "cache:")):
+                if schedule is not None:
+                    raise EffdiffError(f"configuration {name!r} names two schedules; combine one with int8")
+                if part == "full":
+                    schedule = KeySchedule.none()
+                elif part == "fd":
+                    schedule = fd_schedule(sampler, steps)
+                else:
+                    schedule = KeySchedule.parse(part[3:] if part.startswith("fd:") else part)
+            elif part == "int8":
+                precision = Precision.INT8
+            elif part == "kb":
+                raise EffdiffError(
+                    f"configuration {name!r} needs retrieval start, which this effdiff lacks yet"
+                )
+            else:
+                raise EffdiffError(
+                    f"unknown configuration part {part!r} in {name!r}; use full, fd, fd:SCHEDULE, cache:N, "
+                    "int8, joined with +"
+                )
+        out.append(BenchConfig(name, schedule or KeySchedule.none(), precision))
     if "full" not in [c.name for c in out]:
         out.insert(0, BenchConfig("full", KeySchedule.none()))  # quality is measured against it
     return out
@@ -164,7 +178,7 @@ def bench_effdiff(
     base_rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
     pipe = Pipeline.load(artifacts, providers=providers, precision=config.precision)
-    unet_graphs = ("unet_encoder", "unet_decoder") if config.propagation.propagates else ("unet",)
+    unet_graphs = config.propagation.graphs
     graphs = ("text_encoder", *unet_graphs, "vae_decoder")
     for g in graphs:
         pipe.open_graph(g)  # graph creation counts as load, not as the first run
@@ -201,7 +215,7 @@ def bench_effdiff(
     row = Row(
         config.name,
         "effdiff",
-        str(config.propagation),
+        str(config.propagation) + (f", {config.precision.value}" if config.precision else ""),
         load,
         Stats.of([r.timings["total"] for r in results]),
         comps,
@@ -311,6 +325,9 @@ def run_bench(
 
     artifacts = Path(artifacts)
     manifest = Manifest.read(artifacts)
+    for cfg in configs:  # a missing variant is named before any configuration runs
+        for graph in ("text_encoder", *cfg.propagation.graphs, "vae_decoder"):
+            manifest.choose(graph, cfg.precision or manifest.default_precision())
     for p in peers:
         if p not in PEERS:
             raise EffdiffError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")

@@ -39,10 +39,12 @@ class GraphExport:
     features_from: str | None = None  # its feature inputs are this graph's outputs (the decoder)
     variadic_from: int | None = None  # inputs from this index on are one *args tuple in forward()
     max_steps: int = 1  # steps per call it is validated at (parallel decoding)
+    cache_branch: bool = False  # its module takes DeepCache's branch (from the geometry)
 
-    def module(self, component: Any) -> Any:
+    def module(self, component: Any, geom: Geometry) -> Any:
         split = require("effdiff.export.split")
-        return getattr(split, self.wrapper)(component).eval()
+        cls = getattr(split, self.wrapper)
+        return (cls(component, geom.cache_branch) if self.cache_branch else cls(component)).eval()
 
     def dynamic_shapes(self, spec: GraphSpec) -> tuple[Any, ...]:
         """torch.export dynamic shapes, one entry per forward() argument (variadic ones as a tuple)."""
@@ -75,6 +77,8 @@ EXPORTS: dict[str, GraphExport] = {
             "unet_decoder", "unet", "UNetDecoder", features_from="unet_encoder", variadic_from=3, max_steps=2
         ),
         GraphExport("unet", "unet", "WholeUNet"),
+        GraphExport("unet_deep", "unet", "UNetDeep", cache_branch=True),
+        GraphExport("unet_shallow", "unet", "UNetShallow", features_from="unet_deep", cache_branch=True),
         GraphExport("vae_decoder", "vae", "VAEDecoder"),
     )
 }

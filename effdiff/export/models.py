@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -161,6 +162,14 @@ def _builtin_configs(name: str, vocab_size: int, bos: int, eos: int, pad: int) -
     return {"unet": unet, "vae": vae, "text": text, "scheduler": scheduler}
 
 
+def quiet_libraries() -> None:
+    """Keep third-party progress bars and notices off the user's terminal; ours say what happens."""
+    for name in ("diffusers", "transformers", "torch.onnx", "torch.export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    require("transformers").utils.logging.disable_progress_bar()
+    require("diffusers").utils.logging.disable_progress_bar()
+
+
 def save_builtin(name: str, folder: Path, seed: int = 0) -> Path:
     """Build a built-in model with seeded random weights and save it as a diffusers pipeline folder."""
     if name not in BUILTIN_MODELS:
@@ -168,6 +177,7 @@ def save_builtin(name: str, folder: Path, seed: int = 0) -> Path:
     torch = require("torch")
     diffusers = require("diffusers")
     transformers = require("transformers")
+    quiet_libraries()  # saving writes shards behind a progress bar
 
     # SD2 pads with "!" (id of the byte symbol), SD1 with end-of-text, as the real tokenizers do.
     pad_token = "!" if name == "tiny-sd2" else "<|endoftext|>"

@@ -12,7 +12,6 @@ import copy
 import gc
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -48,7 +47,7 @@ from effdiff.artifacts import (
 from effdiff.compare import Comparison, worst_table
 from effdiff.errors import EffdiffError, ValidationFailed
 from effdiff.export.graphs import EXPORTS, TOLERANCE
-from effdiff.export.models import ModelSource, load_component, resolve_model
+from effdiff.export.models import ModelSource, load_component, quiet_libraries, resolve_model
 from effdiff.export.validate import (
     VALIDATION_PROMPTS,
     case_inputs,
@@ -64,6 +63,8 @@ from effdiff.specs import GRAPHS, Geometry, GraphSpec, Precision, build_specs
 # Graphs whose weights exceed this go to one external data file (protobuf caps a file at 2 GiB).
 EXTERNAL_DATA_BYTES = 1_500_000_000
 ONNX_PRECISIONS = (Precision.FP32, Precision.FP16)
+# Two graphs that together must equal the whole diffusers UNet: second(first(x)) on the same inputs.
+CHAINS = (("unet_encoder", "unet_decoder"), ("unet_deep", "unet_shallow"))
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class ExportRecipe:
     precision: Precision = Precision.FP32  # fp32 or fp16: the variant this export writes
     height: int | None = None  # image pixels; default: the UNet's sample_size x VAE factor
     width: int | None = None
+    cache_branch: int = 0  # DeepCache's branch for the unet_deep / unet_shallow graphs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +81,7 @@ class ExportRecipe:
             "precision": self.precision.value,
             "height": self.height,
             "width": self.width,
+            "cache_branch": self.cache_branch,
         }
 
 
@@ -231,15 +234,6 @@ def _support_records(out: Path) -> dict[str, FileRecord]:
     return records
 
 
-def _quiet_libraries() -> None:
-    """Keep third-party progress bars and notices off the user's terminal; ours say what happens."""
-    for name in ("diffusers", "transformers", "torch.onnx", "torch.export", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    require("transformers").utils.logging.disable_progress_bar()
-    require("diffusers").utils.logging.disable_progress_bar()
-    os.environ.setdefault("TORCH_LOGS", "-all")
-
-
 def _old_manifest(out: Path) -> Manifest | None:
     """The folder's manifest when it is one this effdiff reads; anything else is replaced."""
     if not (out / MANIFEST).exists():
@@ -263,13 +257,15 @@ def export_onnx(
     if recipe.precision not in ONNX_PRECISIONS:
         raise EffdiffError("ONNX export writes fp32 or fp16; for int8 run `effdiff-export int8` afterwards")
     log = log or (lambda _msg: None)
-    _quiet_libraries()  # also the first import of the `export` extra: a missing one is named first
+    source = resolve_model(model)  # cheap for a folder: a bad path is named before torch loads
+    quiet_libraries()  # the first import of the `export` extra: a missing one is named next
     out = Path(out)
     check_writable_folder(out)
     from effdiff.export.split import geometry_from_configs
 
-    source = resolve_model(model)
-    geom = geometry_from_configs(source.unet_config, source.vae_config, source.text_config)
+    geom = geometry_from_configs(
+        source.unet_config, source.vae_config, source.text_config, recipe.cache_branch
+    )
     sample = source.unet_config.get("sample_size", 64) * geom.vae_factor
     for name, px in (("height", recipe.height), ("width", recipe.width)):
         if px is not None and (px <= 0 or px % geom.pixel_multiple):
@@ -354,7 +350,7 @@ def _export_locked(
             continue
         start = time.perf_counter()
         with PeakRSS() as mem:
-            module = export.module(component(export.component))
+            module = export.module(component(export.component), geom)
             cases = export.cases(geom, *size)
             trace_feeds = to_graph_dtype(
                 spec, case_inputs(spec, cases[0], ehs, ids, np.random.default_rng(0))
@@ -367,7 +363,7 @@ def _export_locked(
             gc.collect()
             graph = backend.open(out / file, spec)
             feature_module = (
-                EXPORTS[export.features_from].module(component(export.component))
+                EXPORTS[export.features_from].module(component(export.component), geom)
                 if export.features_from is not None
                 else None
             )
@@ -403,13 +399,15 @@ def _export_locked(
 
     with PeakRSS() as mem:
         start = time.perf_counter()
-        encoder = backend.open(out / variant_file("unet_encoder", variant_name), specs["unet_encoder"])
-        decoder = backend.open(out / variant_file("unet_decoder", variant_name), specs["unet_decoder"])
-        whole = EXPORTS["unet"].module(component("unet"))
-        chain = validate_chain(
-            encoder, decoder, whole, fp32_specs["unet"], EXPORTS["unet"].cases(geom, *size), ehs, ids, tol
-        )
-        del encoder, decoder, whole
+        whole = EXPORTS["unet"].module(component("unet"), geom)
+        chain = []
+        for first, second in CHAINS:
+            a = backend.open(out / variant_file(first, variant_name), specs[first])
+            b = backend.open(out / variant_file(second, variant_name), specs[second])
+            cases = EXPORTS["unet"].cases(geom, *size)
+            chain += validate_chain(a, b, whole, fp32_specs["unet"], cases, ehs, ids, tol)
+            del a, b
+        del whole
     loaded.clear()
     gc.collect()
     results.append(GraphResult("chain", False, time.perf_counter() - start, mem.peak_gib, chain))

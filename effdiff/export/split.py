@@ -2,6 +2,8 @@
 
 ENCODER: conv_in, time embedding, down blocks, mid block -> (mid, skip_00 .. skip_NN)
 DECODER: time embedding, up blocks, conv_norm_out/conv_act/conv_out -> noise prediction
+DEEP / SHALLOW (DeepCache's recipe): the whole UNet that also returns the feature DeepCache caches,
+and the shallow path that recomputes only the outer layers around that cached feature.
 
 The decoder embeds its own timesteps, so one decoder batch may carry a different timestep per row
 (the runtime batches the decoder calls of consecutive non-key steps this way).
@@ -9,20 +11,52 @@ The decoder embeds its own timesteps, so one decoder batch may carry a different
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from effdiff._deps import require
+from effdiff.errors import EffdiffError
 from effdiff.specs import Geometry
 
 torch = require("torch")
 nn = torch.nn
 
 
+@dataclass(frozen=True)
+class CachePoint:
+    """Where DeepCache's branch `b` cuts the UNet, in DeepCache's own numbering: block c = b // 3,
+    layer l = b % 3, counted from the outside. At a cached step the down path runs conv_in, down blocks
+    < c and layers < l of down block c; the up path runs the last l + 1 layers of the up block that
+    mirrors block c (its upsampler too) and the up blocks after it. The deep feature is the hidden
+    state entering that first shallow up layer."""
+
+    branch: int
+    block: int
+    layer: int
+    first_up_layer: int  # index, in forward order, of the first up layer the shallow path runs
+    up_layers: int  # resnets in the mirrored up block
+
+
+def cache_point(unet_cfg: dict[str, Any], branch: int) -> CachePoint:
+    channels = list(unet_cfg["block_out_channels"])
+    n = len(channels)
+    per_block = unet_cfg.get("layers_per_block", 2)
+    per_block = [per_block] * n if isinstance(per_block, int) else list(per_block)
+    block, layer = divmod(branch, 3)
+    up_layers = per_block[block] + 1 if block < n else 0  # diffusers' up blocks have one more resnet
+    if branch < 0 or block >= n or layer >= up_layers:
+        raise EffdiffError(
+            f"cache branch {branch} does not exist in this UNet ({n} blocks of {per_block[0] + 1} up layers; "
+            f"DeepCache numbers branch = 3 x block + layer)"
+        )
+    return CachePoint(branch, block, layer, up_layers - 1 - layer, up_layers)
+
+
 def geometry_from_configs(
-    unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], text_cfg: dict[str, Any]
+    unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], text_cfg: dict[str, Any], cache_branch: int = 0
 ) -> Geometry:
     """Skip-tensor layout as diffusers' down blocks produce it: conv_in, then per block its resnets
-    and (except the last block) its downsampler."""
+    and (except the last block) its downsampler; and the deep feature of DeepCache's `cache_branch`."""
     channels = list(unet_cfg["block_out_channels"])
     n = len(channels)
     per_block = unet_cfg.get("layers_per_block", 2)
@@ -34,6 +68,10 @@ def geometry_from_configs(
         if i < n - 1:
             level += 1
             skips.append((ch, level))
+    point = cache_point(unet_cfg, cache_branch)
+    # The mirrored up block outputs channels[c]; what enters it comes from the block inside it.
+    inner = channels[min(point.block + 1, n - 1)]
+    deep_channels = channels[point.block] if point.first_up_layer > 0 else inner
     return Geometry(
         latent_channels=int(unet_cfg.get("in_channels", 4)),
         unet_factor=2 ** (n - 1),
@@ -43,6 +81,9 @@ def geometry_from_configs(
         skips=tuple(skips),
         mid_channels=channels[-1],
         mid_level=level,
+        cache_branch=cache_branch,
+        deep_channels=deep_channels,
+        deep_level=point.block,
     )
 
 
@@ -165,3 +206,120 @@ class VAEDecoder(nn.Module):
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
         return self.vae.decode(z, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------- DeepCache's recipe, on static graphs
+
+
+def _down_layers(block: Any, hidden: Any, emb: Any, ehs: Any, layers: range) -> tuple[Any, tuple[Any, ...]]:
+    """Layers `layers` of a down block, as its forward runs them: resnet, then attention when it has one."""
+    cross = _has_cross_attention(block)
+    states: tuple[Any, ...] = ()
+    for j in layers:
+        hidden = block.resnets[j](hidden, emb)
+        if cross:
+            hidden = block.attentions[j](hidden, encoder_hidden_states=ehs, return_dict=False)[0]
+        states += (hidden,)
+    return hidden, states
+
+
+def _up_layers(block: Any, hidden: Any, emb: Any, ehs: Any, res: tuple[Any, ...], layers: range) -> Any:
+    """Layers `layers` of an up block. `res` is the block's slice of skips in encoder order; layer j
+    takes res[L - 1 - j], as the block's forward pops them from the end."""
+    cross = _has_cross_attention(block)
+    count = len(block.resnets)
+    for j in layers:
+        hidden = torch.cat([hidden, res[count - 1 - j]], dim=1)
+        hidden = block.resnets[j](hidden, emb)
+        if cross:
+            hidden = block.attentions[j](hidden, encoder_hidden_states=ehs, return_dict=False)[0]
+    return hidden
+
+
+def _upsample(block: Any, hidden: Any) -> Any:
+    for upsampler in block.upsamplers or ():
+        hidden = upsampler(hidden)
+    return hidden
+
+
+def _up_block(block: Any, hidden: Any, emb: Any, ehs: Any, res: tuple[Any, ...]) -> Any:
+    if _has_cross_attention(block):
+        return block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=ehs)
+    return block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res)
+
+
+def _out(unet: Any, hidden: Any) -> Any:
+    if unet.conv_norm_out is not None:
+        hidden = unet.conv_act(unet.conv_norm_out(hidden))
+    return unet.conv_out(hidden)
+
+
+class UNetDeep(nn.Module):
+    """(sample, timestep, encoder_hidden_states) -> (noise prediction, deep feature): the whole UNet,
+    run at DeepCache's full steps, also returning the feature the shallow path reuses."""
+
+    def __init__(self, unet: Any, branch: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self.point = cache_point(dict(unet.config), branch)
+        self.encoder = UNetEncoder(unet)
+
+    def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any) -> tuple[Any, Any]:
+        unet, point = self.unet, self.point
+        mid, *skips = self.encoder(sample, timestep, encoder_hidden_states)
+        emb = time_embedding(unet, mid, timestep)
+        hidden, remaining, deep = mid, tuple(skips), mid
+        mirrored = len(unet.up_blocks) - 1 - point.block
+        for k, block in enumerate(unet.up_blocks):
+            n = len(block.resnets)
+            res, remaining = remaining[-n:], remaining[:-n]
+            if k != mirrored:
+                hidden = _up_block(block, hidden, emb, encoder_hidden_states, res)
+                continue
+            hidden = _up_layers(block, hidden, emb, encoder_hidden_states, res, range(point.first_up_layer))
+            deep = hidden
+            hidden = _up_layers(
+                block, hidden, emb, encoder_hidden_states, res, range(point.first_up_layer, n)
+            )
+            hidden = _upsample(block, hidden)
+        return _out(unet, hidden), deep
+
+
+class UNetShallow(nn.Module):
+    """(sample, timestep, encoder_hidden_states, deep) -> noise prediction: what DeepCache computes at a
+    cached step, the outer layers only, around the deep feature of the last full step."""
+
+    def __init__(self, unet: Any, branch: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self.point = cache_point(dict(unet.config), branch)
+
+    def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any, deep: Any) -> Any:
+        unet, point, ehs = self.unet, self.point, encoder_hidden_states
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = time_embedding(unet, sample, timestep)
+        hidden = unet.conv_in(sample)
+        skips: tuple[Any, ...] = (hidden,)
+        for block in unet.down_blocks[: point.block]:
+            if _has_cross_attention(block):
+                hidden, res = block(hidden_states=hidden, temb=emb, encoder_hidden_states=ehs)
+            else:
+                hidden, res = block(hidden_states=hidden, temb=emb)
+            skips += res
+        _, res = _down_layers(unet.down_blocks[point.block], hidden, emb, ehs, range(point.layer))
+        skips += res
+        n_up = len(unet.up_blocks)
+        # skips consumed by the up blocks outside the mirrored one, which run whole
+        outer = sum(len(unet.up_blocks[n_up - 1 - r].resnets) for r in range(point.block))
+        mirrored = unet.up_blocks[n_up - 1 - point.block]
+        hidden = _up_layers(
+            mirrored, deep, emb, ehs, skips[outer:], range(point.first_up_layer, point.up_layers)
+        )
+        hidden = _upsample(mirrored, hidden)
+        remaining = skips[:outer]
+        for block in unet.up_blocks[n_up - point.block :]:
+            n = len(block.resnets)
+            res, remaining = remaining[-n:], remaining[:-n]
+            hidden = _up_block(block, hidden, emb, ehs, res)
+        return _out(unet, hidden)

@@ -275,7 +275,7 @@ class Pipeline:
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(steps)
         schedule.key_steps(steps)  # validates the schedule against the step count
-        self.require(("unet_encoder", "unet_decoder") if schedule.propagates else ("unet",))
+        self.require(schedule.graphs)
         batch = max_decoder_batch if max_decoder_batch is not None else self.auto_decoder_batch()
         return DenoisePlan(scheduler, schedule, batch, resolve_injection(noise_injection, schedule))
 
@@ -302,7 +302,7 @@ class Pipeline:
         if plan.noise_injection is not None and injection_noise is None:
             raise EffdiffError("prior noise injection needs the initial noise (injection_noise)")
         scheduler, rows, n_img = plan.scheduler, cond.rows, cond.batch
-        unet_names = ("unet_encoder", "unet_decoder") if plan.schedule.propagates else ("unet",)
+        unet_names = plan.schedule.graphs
         float_dtype = np.dtype(self.specs[unet_names[0]].inputs[0].dtype)  # of `sample`
         ehs = np.asarray(cond.embeddings).astype(float_dtype, copy=False)
         guidance = np.float32(cond.guidance_scale)
@@ -346,7 +346,26 @@ class Pipeline:
 
         bar = tqdm(total=stop - start_step, desc="denoise", unit="step", disable=not progress)
         with self.graphs.using(unet_names, usage) as g:
-            if not plan.schedule.propagates:
+            if plan.schedule.caches:
+                deep_graph = self._graph(g, "unet_deep", hooks)
+                shallow = self._graph(g, "unet_shallow", hooks)
+                keys = frozenset(plan.schedule.run_keys(plan.steps, start_step, stop))
+                deep: Any = None
+                for i in range(start_step, stop):
+                    feeds = {
+                        "sample": model_input(x, i),
+                        "timestep": timesteps(i),
+                        "encoder_hidden_states": ehs,
+                    }
+                    if i in keys:
+                        out = deep_graph.run(
+                            feeds, host_outputs=False
+                        )  # the deep feature stays on the device
+                        deep, noise, name = out["deep"], out["noise_pred"], "unet_deep"
+                    else:
+                        noise, name = shallow.run({**feeds, "deep": deep})["noise_pred"], "unet_shallow"
+                    x = after_step(i, scheduler.step(guided(self.backend.to_host(noise), i, name), i, x))
+            elif not plan.schedule.propagates:
                 unet = self._graph(g, "unet", hooks)
                 for i in range(start_step, stop):
                     feeds = {

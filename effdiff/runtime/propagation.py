@@ -8,6 +8,7 @@ through their outputs in order.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -22,14 +23,24 @@ _PRESETS: dict[str, tuple[int, tuple[int, ...]]] = {
 }
 
 
+# What a non-key step reuses. "fd": encoder propagation (the key step's encoder features; the decoder
+# runs at every step). "cache": DeepCache's recipe (the key step's deep feature; only the shallow
+# outer layers run at the other steps).
+RECIPES = ("fd", "cache")
+MAX_STEPS = 10_000  # schedulers allow at most num_train_timesteps (1000 for SD); this bounds the check
+CACHE_PREFIX = "cache:"
+
+
 @dataclass(frozen=True)
 class KeySchedule:
-    """Explicit key-step indices, every k-th step (`uniform`), a named preset, or `none` (whole UNet)."""
+    """Which steps are key steps, and what the others reuse from them. Key steps: explicit indices,
+    every k-th step (`uniform`), a named preset, or `none` (the whole UNet at every step)."""
 
     kind: str  # "none" | "uniform" | "explicit" | "preset"
     every: int = 0
     steps: tuple[int, ...] = ()
     name: str = ""
+    recipe: str = "fd"  # one of RECIPES
 
     @classmethod
     def none(cls) -> KeySchedule:
@@ -53,8 +64,17 @@ class KeySchedule:
 
     @classmethod
     def parse(cls, text: str) -> KeySchedule:
-        """`none`, `uniform:K`, a preset name, or comma-separated step indices such as `0,1,2,5`."""
+        """`none`, `uniform:K`, a preset name, or comma-separated step indices such as `0,1,2,5`; with
+        the prefix `cache:`, DeepCache's recipe on those key steps (`cache:3` = every 3rd step)."""
+        if not isinstance(text, str):
+            raise EffdiffError(f"a key-step schedule is text, got {type(text).__name__}")
         text = text.strip()
+        if text.startswith(CACHE_PREFIX):
+            rest = text[len(CACHE_PREFIX) :].strip()
+            inner = cls.uniform(int(rest)) if rest.isdigit() else cls.parse(rest)
+            if not inner.propagates:
+                raise EffdiffError(f"bad schedule {text!r}: use cache:N (every N-th step) or cache:0,3,6")
+            return dataclasses.replace(inner, recipe="cache")
         if text == "none":
             return cls.none()
         if text.startswith("uniform:"):
@@ -75,6 +95,9 @@ class KeySchedule:
             ) from None
 
     def __str__(self) -> str:
+        if self.caches:
+            inner = str(self.every) if self.kind == "uniform" else str(dataclasses.replace(self, recipe="fd"))
+            return CACHE_PREFIX + inner
         if self.kind == "uniform":
             return f"uniform:{self.every}"
         if self.kind == "explicit":
@@ -83,12 +106,28 @@ class KeySchedule:
 
     @property
     def propagates(self) -> bool:
-        return self.kind != "none"
+        """Encoder propagation: the encoder at key steps, the decoder at every step."""
+        return self.kind != "none" and self.recipe == "fd"
+
+    @property
+    def caches(self) -> bool:
+        """DeepCache's recipe: the whole UNet (keeping its deep feature) at key steps, the shallow
+        path around that feature at the others."""
+        return self.kind != "none" and self.recipe == "cache"
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        """The UNet graphs a run on this schedule uses."""
+        if self.caches:
+            return ("unet_deep", "unet_shallow")
+        return ("unet_encoder", "unet_decoder") if self.propagates else ("unet",)
 
     def key_steps(self, num_steps: int) -> tuple[int, ...]:
         """Sorted key-step indices for a run of `num_steps`; EffdiffError when they do not fit it."""
         if num_steps < 1:
             raise EffdiffError(f"steps must be >= 1, got {num_steps}")
+        if num_steps > MAX_STEPS:
+            raise EffdiffError(f"steps must be <= {MAX_STEPS}, got {num_steps}")
         if self.kind in ("none",):
             return tuple(range(num_steps))
         if self.kind == "uniform":
