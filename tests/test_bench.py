@@ -48,7 +48,7 @@ def test_bench_configs_and_peers_side_by_side(sd1_artifacts: Path, tmp_path: Pat
     ):
         assert (tmp_path / "rep" / name) in written and (tmp_path / "rep" / name).stat().st_size > 0
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert data["schema"] == 1 and data["device"]["cpu"]["cores_logical"] >= 1
+    assert data["schema"] == 2 and data["device"]["cpu"]["cores_logical"] >= 1
     rows = list(csv.DictReader((tmp_path / "rep" / "report.csv").open()))
     assert [r["config"] for r in rows] == names
     md = (tmp_path / "rep" / "report.md").read_text()
@@ -156,3 +156,33 @@ def test_clip_score_with_a_local_tiny_clip(tmp_path: Path, sd1_folder: Path) -> 
         clip_score(images, ["a", "b"], tmp_path / "absent")
     with pytest.raises(EffdiffError, match="Inception weights stored locally"):
         fid_and_is(images, images, tmp_path / "absent.pth")
+
+
+def _row(name: str, kind: str, speedups: list[float], adh: float | None = None, half: float = 0.01):
+    from effdiff.bench.harness import Row, Stats
+
+    row = Row(name, kind, "", 0.0, Stats.of([1.0]), speedup=Stats.of(speedups), speedups=speedups)
+    if adh is not None:
+        row.quality.update(adherence=adh, adherence_lo=adh - half, adherence_hi=adh + half, adherence_n=192)
+    return row
+
+
+def test_target_line_judges_adherence_by_interval_and_speed_by_every_repeat() -> None:
+    from effdiff.bench.harness import BenchReport
+    from effdiff.bench.report import target_line
+
+    rows = [
+        _row("full", "effdiff", [1.5, 1.6, 1.4], 0.80),
+        _row("fd", "effdiff", [3.1, 3.3, 3.2], 0.79),  # lower bound 0.78 >= 0.77: within 3 points
+        _row("cache:3", "effdiff", [4.0, 4.2, 4.1], 0.72),  # faster, but its interval excludes it
+        _row("diffusers", "peer", [1.0, 1.0, 1.0], 0.80),
+        _row("deepcache", "peer", [2.0, 2.3, 2.1], 0.79),
+    ]
+    report = BenchReport(2, {}, {}, "", "reference", rows)
+    line = target_line(report)
+    assert "`fd`" in line and "3.10–3.30x over 3 repeats (met: target 3x) vs diffusers" in line
+    assert "NOT met: target 1.5x) vs DeepCache" in line  # 3.3 / 2.3 < 1.5 in the second repeat
+    rows[1].speedups = [3.1, 2.9, 3.2]
+    assert "(NOT met: target 3x) vs diffusers" in target_line(report)
+    wide = [_row(r.name, r.kind, r.speedups, r.quality.get("adherence"), half=0.15) for r in rows]
+    assert "adherence not judged" in target_line(BenchReport(2, {}, {}, "", "reference", wide))

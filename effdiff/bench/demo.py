@@ -19,7 +19,7 @@ def run_demo(
     steps: int = 50,
     guidance: float = REFERENCE_GUIDANCE,
     peers: tuple[str, ...] = ("diffusers", "deepcache"),
-    repeat: int = 1,
+    repeat: int = 3,
     log: Callable[[str], None] = print,
 ) -> tuple[BenchReport, list[Path]]:
     from effdiff.export.onnx import export_onnx
@@ -32,7 +32,7 @@ def run_demo(
     settings = BenchSettings(
         prompts=[s.prompt for s in DEMO_SCENES], steps=steps, guidance=guidance, repeat=repeat, warmup=1
     )
-    configs = parse_configs(["full", "fd", "fd:uniform:5"], settings.sampler, steps)
+    configs = parse_configs(["full", "fd", "cache:3"], settings.sampler, steps)
     report = run_bench(artifacts, configs, settings, peers=peers, scenes=list(DEMO_SCENES))
     written = write_report(report, out / "report")
     return report, written

@@ -9,11 +9,9 @@ Peers (diffusers in PyTorch, DeepCache on it) run in the same process with the s
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from effdiff.runtime.pipeline import Pipeline
 from effdiff.runtime.propagation import KeySchedule
 from effdiff.specs import GRAPHS, UNET_GRAPHS, Precision
 
-REPORT_SCHEMA = 1
+REPORT_SCHEMA = 2  # 2: interleaved repeats, per-repeat speed-ups, adherence intervals
 PEERS = ("diffusers", "deepcache")
 
 
@@ -112,11 +110,14 @@ class Row:
     end_to_end: Stats
     components: dict[str, Stats] = field(default_factory=dict)
     unet_per_step_s: float = 0.0
-    peak_rss_gib: float = 0.0  # the process's peak during the timed runs
-    rss_added_gib: float = 0.0  # that peak minus the process's RSS before this row loaded its model
+    peak_rss_gib: float = 0.0  # the process's peak during this row's timed runs
+    rss_added_gib: float = 0.0  # resident memory its model added when loaded (graphs: summed per graph)
     gpu_peak_mib: float | None = None
     disk_mib: float | None = None
     quality: dict[str, float] = field(default_factory=dict)
+    # end-to-end speed-up over the baseline row, one ratio per repeat (runs interleaved A B C A B C)
+    speedup: Stats | None = None
+    speedups: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -166,74 +167,93 @@ def _disk_mib(pipe: Pipeline, graphs: tuple[str, ...]) -> float:
     return sum(pipe.variants[g].size_bytes for g in graphs if g in pipe.variants) / 2**20
 
 
-def bench_effdiff(
-    artifacts: Path,
-    config: BenchConfig,
-    settings: BenchSettings,
-    latents: np.ndarray,
-    providers: list[str] | None,
-    progress: Callable[[], None],
-) -> tuple[Row, list[Image.Image]]:
-    gpu = GpuMemory()
-    base_rss = psutil.Process().memory_info().rss
-    start = time.perf_counter()
-    pipe = Pipeline.load(artifacts, providers=providers, precision=config.precision)
-    unet_graphs = config.propagation.graphs
-    graphs = ("text_encoder", *unet_graphs, "vae_decoder")
-    for g in graphs:
-        pipe.open_graph(g)  # graph creation counts as load, not as the first run
-    load = time.perf_counter() - start
-    h, w = latents.shape[2] * pipe.geometry.vae_factor, latents.shape[3] * pipe.geometry.vae_factor
+@dataclass
+class Run:
+    seconds: float
+    images: list[Image.Image]
+    timings: dict[str, float] | None = None  # per graph (effdiff rows)
+    gpu_mib: float | None = None
 
-    def once() -> Any:
-        return pipe(
-            settings.prompts,
-            steps=settings.steps,
-            sampler=settings.sampler,
-            guidance_scale=settings.guidance,
-            latents=latents,
-            height=h,
-            width=w,
-            num_images=settings.batch,
-            propagation=config.propagation,
-            max_decoder_batch=settings.max_decoder_batch,
+
+class Runner:
+    """One row: loaded once, then run as often as the interleaved schedule asks."""
+
+    name: str
+    kind: str
+    detail: str
+    load_s: float = 0.0
+    rss_added_gib: float = 0.0
+    disk_mib: float | None = None
+
+    def run(self) -> Run:
+        raise NotImplementedError
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class EffdiffRunner(Runner):
+    """A configuration on a pipeline shared with the other configurations of its precision: each graph
+    is opened once, and the RSS its opening added is attributed to every row that uses it."""
+
+    kind = "effdiff"
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        pipe: Pipeline,
+        graph_costs: dict[str, tuple[float, int]],
+        settings: BenchSettings,
+        latents: np.ndarray,
+    ) -> None:
+        self.name, self.config, self.pipe, self.settings, self.latents = (
+            config.name,
+            config,
+            pipe,
+            settings,
+            latents,
         )
+        self.detail = str(config.propagation) + (f", {config.precision.value}" if config.precision else "")
+        self.graphs = ("text_encoder", *config.propagation.graphs, "vae_decoder")
+        for g in self.graphs:  # opening counts as load, not as the first run
+            if (id(pipe), g) not in graph_costs:
+                before, start = _rss(), time.perf_counter()
+                pipe.open_graph(g)
+                graph_costs[(id(pipe), g)] = (time.perf_counter() - start, _rss() - before)
+        self.load_s = sum(graph_costs[(id(pipe), g)][0] for g in self.graphs)
+        self.rss_added_gib = sum(graph_costs[(id(pipe), g)][1] for g in self.graphs) / 2**30
+        self.disk_mib = sum(pipe.variants[g].size_bytes for g in self.graphs if g in pipe.variants) / 2**20
+        self.gpu = GpuMemory()
 
-    for _ in range(settings.warmup):
-        once()
-        progress()
-    results = []
-    with PeakRSS() as mem:
-        for _ in range(settings.repeat):
-            results.append(gpu.measure(once))
-            progress()
-    comps = {
-        c: Stats.of([r.timings[c] for r in results]) for c in GRAPHS if any(r.timings[c] > 0 for r in results)
-    }
-    comps["overhead"] = Stats.of([r.timings["overhead"] for r in results])
-    unet = statistics.median(sum(r.timings[c] for c in UNET_GRAPHS) for r in results)
-    row = Row(
-        config.name,
-        "effdiff",
-        str(config.propagation) + (f", {config.precision.value}" if config.precision else ""),
-        load,
-        Stats.of([r.timings["total"] for r in results]),
-        comps,
-        unet_per_step_s=unet / settings.steps,
-        peak_rss_gib=mem.peak_gib,
-        rss_added_gib=(mem.peak_bytes - base_rss) / 2**30,
-        gpu_peak_mib=gpu.peak_mib,
-        disk_mib=_disk_mib(pipe, graphs),
-    )
-    images = results[-1].images
-    return row, images
+    def run(self) -> Run:
+        s, g = self.settings, self.pipe.geometry
+        res = self.gpu.measure(
+            lambda: self.pipe(
+                s.prompts,
+                steps=s.steps,
+                sampler=s.sampler,
+                guidance_scale=s.guidance,
+                latents=self.latents,
+                height=self.latents.shape[2] * g.vae_factor,
+                width=self.latents.shape[3] * g.vae_factor,
+                num_images=s.batch,
+                propagation=self.config.propagation,
+                max_decoder_batch=s.max_decoder_batch,
+            )
+        )
+        return Run(res.timings["total"], res.images, res.timings, self.gpu.peak_mib)
 
 
-def bench_peer(
-    peer: str, source: Path, settings: BenchSettings, latents: np.ndarray, progress: Callable[[], None]
-) -> tuple[Row, list[Image.Image]] | None:
-    """diffusers' StableDiffusionPipeline in PyTorch, plain or with DeepCache; None when not importable."""
-    try:
+class PeerRunner(Runner):
+    """diffusers' StableDiffusionPipeline in PyTorch, shared by the peers: DeepCache is enabled on it for
+    the `deepcache` row's runs and disabled for the others."""
+
+    kind = "peer"
+
+    def __init__(
+        self, peer: str, shared: dict[str, Any], source: Path, settings: BenchSettings, latents: np.ndarray
+    ) -> None:
         import torch
         from diffusers import (
             DDIMScheduler,
@@ -241,66 +261,80 @@ def bench_peer(
             EulerDiscreteScheduler,
             StableDiffusionPipeline,
         )
-    except ImportError:
-        return None
-    helper = None
-    if peer == "deepcache":
-        try:
+
+        self.name, self.settings, self.latents, self.torch = peer, settings, latents, torch
+        if "pipe" not in shared:
+            before, start = _rss(), time.perf_counter()
+            pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, local_files_only=True)
+            cls = {
+                "ddim": DDIMScheduler,
+                "dpmpp-2m": DPMSolverMultistepScheduler,
+                "euler": EulerDiscreteScheduler,
+            }
+            pipe.scheduler = cls[settings.sampler].from_config(pipe.scheduler.config)
+            pipe.set_progress_bar_config(disable=True)
+            limit = pipe.text_encoder.config.max_position_embeddings
+            if pipe.tokenizer.model_max_length > limit:  # folders saved without it overflow in diffusers
+                pipe.tokenizer.model_max_length = limit
+            shared.update(pipe=pipe, load=time.perf_counter() - start, rss=_rss() - before)
+        self.pipe = shared["pipe"]
+        self.load_s, self.rss_added_gib = shared["load"], shared["rss"] / 2**30
+        self.helper = None
+        if peer == "deepcache":
             from DeepCache import DeepCacheSDHelper
-        except ImportError:
-            return None
-    base_rss = psutil.Process().memory_info().rss
-    start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, local_files_only=True)
-    cls = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-    pipe.scheduler = cls[settings.sampler].from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    limit = pipe.text_encoder.config.max_position_embeddings
-    if pipe.tokenizer.model_max_length > limit:  # folders saved without it overflow in diffusers
-        pipe.tokenizer.model_max_length = limit
-    if peer == "deepcache":
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=3, cache_branch_id=0)
-        helper.enable()
-    load = time.perf_counter() - start
-    h = pipe.vae_scale_factor * latents.shape[2]
-    w = pipe.vae_scale_factor * latents.shape[3]
-    gpu = GpuMemory()
 
-    def once() -> list[Image.Image]:
-        with torch.inference_mode():
-            return pipe(
-                settings.prompts,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                latents=torch.from_numpy(latents),
-                height=h,
-                width=w,
-                num_images_per_prompt=settings.batch,
-            ).images
+            self.helper = DeepCacheSDHelper(pipe=self.pipe)
+            self.helper.set_params(cache_interval=3, cache_branch_id=0)
+        self.detail = "StableDiffusionPipeline, PyTorch" + (
+            ", DeepCache interval 3 branch 0" if self.helper else ""
+        )
+        self.gpu = GpuMemory()
 
-    for _ in range(settings.warmup):
-        once()
-        progress()
-    times, images = [], []
-    with PeakRSS() as mem:
-        for _ in range(settings.repeat):
-            t0 = time.perf_counter()
-            images = gpu.measure(once)
-            times.append(time.perf_counter() - t0)
-            progress()
-    detail = "StableDiffusionPipeline, PyTorch" + (", DeepCache interval 3 branch 0" if helper else "")
+    def run(self) -> Run:
+        torch, s, lat = self.torch, self.settings, self.latents
+        f = self.pipe.vae_scale_factor
+        if self.helper is not None:
+            self.helper.enable()
+        try:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                images = self.gpu.measure(
+                    lambda: (
+                        self.pipe(
+                            s.prompts,
+                            num_inference_steps=s.steps,
+                            guidance_scale=s.guidance,
+                            latents=torch.from_numpy(lat),
+                            height=f * lat.shape[2],
+                            width=f * lat.shape[3],
+                            num_images_per_prompt=s.batch,
+                        ).images
+                    )
+                )
+            return Run(time.perf_counter() - start, images, None, self.gpu.peak_mib)
+        finally:
+            if self.helper is not None:
+                self.helper.disable()
+
+
+def _row(runner: Runner, runs: list[Run], peak_gib: float, steps: int) -> Row:
     row = Row(
-        peer,
-        "peer",
-        detail,
-        load,
-        Stats.of(times),
-        peak_rss_gib=mem.peak_gib,
-        gpu_peak_mib=gpu.peak_mib,
-        rss_added_gib=(mem.peak_bytes - base_rss) / 2**30,
+        runner.name,
+        runner.kind,
+        runner.detail,
+        runner.load_s,
+        Stats.of([r.seconds for r in runs]),
+        peak_rss_gib=peak_gib,
+        rss_added_gib=runner.rss_added_gib,
+        gpu_peak_mib=max((r.gpu_mib for r in runs if r.gpu_mib is not None), default=None),
+        disk_mib=runner.disk_mib,
     )
-    return row, images
+    timed = [r.timings for r in runs if r.timings is not None]
+    if timed:
+        row.components = {c: Stats.of([t[c] for t in timed]) for c in GRAPHS if any(t[c] > 0 for t in timed)}
+        row.components["overhead"] = Stats.of([t["overhead"] for t in timed])
+        row.unet_per_step_s = statistics.median(sum(t[c] for c in UNET_GRAPHS) for t in timed) / steps
+    return row
 
 
 def _quality(images: list[Image.Image], reference: list[Image.Image]) -> dict[str, float]:
@@ -320,7 +354,9 @@ def run_bench(
     scenes: list[Any] | None = None,
     progress: bool = True,
 ) -> BenchReport:
-    """Every configuration, then every peer, one at a time (one model in memory at a time)."""
+    """Load every configuration and peer once, warm each up, then time them interleaved, repeat by
+    repeat (A B C, A B C, ...), so drift in the machine's speed touches every row alike; speed-ups are
+    ratios within each repeat."""
     from effdiff.bench.device import device_profile
 
     artifacts = Path(artifacts)
@@ -331,33 +367,69 @@ def run_bench(
     for p in peers:
         if p not in PEERS:
             raise EffdiffError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")
-    probe = Pipeline.load(artifacts, providers=providers, lean=True)
-    h, w = probe.default_size()
-    h, w = settings.height or h, settings.width or w
-    latents = _latents(probe, settings, h, w)
-    del probe
-    runs = (settings.warmup + settings.repeat) * (len(configs) + len(peers))
-    bar = tqdm(total=runs, desc="bench", unit="run", disable=not progress)
-    rows, images = [], {}
+    pipes: dict[Precision, Pipeline] = {}
     for cfg in configs:
-        bar.set_postfix_str(cfg.name)
-        row, imgs = bench_effdiff(artifacts, cfg, settings, latents, providers, bar.update)
-        rows.append(row)
-        images[cfg.name] = imgs
-        gc.collect()  # the configuration's sessions go before the next one loads
+        precision = cfg.precision or manifest.default_precision()
+        if precision not in pipes:
+            pipes[precision] = Pipeline.load(artifacts, providers=providers, precision=precision)
+    first = next(iter(pipes.values()))
+    h, w = first.default_size()
+    h, w = settings.height or h, settings.width or w
+    latents = _latents(first, settings, h, w)
+    runs_total = (settings.warmup + settings.repeat) * (len(configs) + len(peers))
+    bar = tqdm(total=runs_total, desc="bench", unit="run", disable=not progress)
+    graph_costs: dict[Any, tuple[float, int]] = {}
+    runners: list[Runner] = [
+        EffdiffRunner(c, pipes[c.precision or manifest.default_precision()], graph_costs, settings, latents)
+        for c in configs
+    ]
+    shared_peer: dict[str, Any] = {}
     for peer in peers:
-        bar.set_postfix_str(peer)
         try:
-            got = bench_peer(peer, Path(manifest.source.path), settings, latents, bar.update)
+            runners.append(PeerRunner(peer, shared_peer, Path(manifest.source.path), settings, latents))
+        except ImportError:
+            bar.update(settings.warmup + settings.repeat)  # diffusers / DeepCache not installed
         except Exception as exc:  # a peer's own failure must not cost the user the rest of the report
             warnings.warn(f"peer {peer} failed and is left out: {type(exc).__name__}: {exc}", stacklevel=2)
-            got = None
-        if got is None:
             bar.update(settings.warmup + settings.repeat)
-            continue
-        rows.append(got[0])
-        images[peer] = got[1]
+    failed: set[str] = set()
+
+    def attempt(runner: Runner) -> Run | None:
+        if runner.name in failed:
+            return None
+        try:
+            return runner.run()
+        except EffdiffError:
+            raise
+        except Exception as exc:
+            if runner.kind != "peer":
+                raise
+            warnings.warn(
+                f"peer {runner.name} failed and is left out: {type(exc).__name__}: {exc}", stacklevel=2
+            )
+            failed.add(runner.name)
+            return None
+
+    for runner in runners:
+        bar.set_postfix_str(f"warm-up {runner.name}")
+        for _ in range(settings.warmup):
+            attempt(runner)
+            bar.update()
+    timed: dict[str, list[Run]] = {r.name: [] for r in runners}
+    peaks: dict[str, float] = dict.fromkeys(timed, 0.0)
+    for _ in range(settings.repeat):
+        for runner in runners:
+            bar.set_postfix_str(runner.name)
+            with PeakRSS() as mem:
+                got = attempt(runner)
+            if got is not None:
+                timed[runner.name].append(got)
+                peaks[runner.name] = max(peaks[runner.name], mem.peak_gib)
+            bar.update()
     bar.close()
+    rows = [_row(r, timed[r.name], peaks[r.name], settings.steps) for r in runners if timed[r.name]]
+    images = {r.name: timed[r.name][-1].images for r in rows}
+    _speedups(rows, timed)
     reference = images["full"]
     classifier = None
     if scenes is not None:
@@ -368,9 +440,10 @@ def run_bench(
         row.quality = _quality(images[row.name], reference)
         if classifier is not None and scenes is not None:
             adh = classifier.adherence(images[row.name], [s for s in scenes for _ in range(settings.batch)])
-            row.quality["adherence"] = adh.mean
+            lo, hi = adh.pooled_interval()
+            row.quality.update(adherence=adh.mean, adherence_lo=lo, adherence_hi=hi, adherence_n=adh.count)
             row.quality.update({f"adherence_{k}": v for k, v in adh.per_attribute.items()})
-    settings_json = {**asdict(settings), "height": h, "width": w}
+    settings_json = {**asdict(settings), "height": h, "width": w, "interleaved": True}
     return BenchReport(
         REPORT_SCHEMA,
         device_profile(providers),
@@ -380,3 +453,13 @@ def run_bench(
         rows,
         images,
     )
+
+
+def _speedups(rows: list[Row], timed: dict[str, list[Run]]) -> None:
+    """Per-repeat ratio of the baseline's time (diffusers when it ran, else `full`) to each row's."""
+    names = {r.name for r in rows}
+    base = "diffusers" if "diffusers" in names else "full"
+    for row in rows:
+        pairs = zip(timed[base], timed[row.name], strict=False)
+        row.speedups = [b.seconds / r.seconds for b, r in pairs]
+        row.speedup = Stats.of(row.speedups) if row.speedups else None

@@ -43,6 +43,11 @@ class Adherence:
         """95 % Wilson interval of one attribute's adherence over `count` images."""
         return wilson_interval(round(self.per_attribute[attribute] * self.count), self.count)
 
+    def pooled_interval(self) -> tuple[float, float]:
+        """95 % Wilson interval of the mean over all attribute readings (count x attributes)."""
+        n = self.count * len(self.per_attribute)
+        return wilson_interval(round(self.mean * n), n)
+
     def describe(self, attribute: str) -> str:
         lo, hi = self.interval(attribute)
         return f"{self.per_attribute[attribute]:.3f} [{lo:.3f}, {hi:.3f}]"
