@@ -138,6 +138,9 @@ def export_onnx_cmd(
     help="graph variants to run (default: the folder's fp32, or fp16 for an fp16 export)",
 )
 @click.option("--lean", is_flag=True, help="one component in memory at a time")
+@click.option(
+    "--memory-budget", help="plan to fit this much RAM (e.g. 2GiB): residency, ORT options, VAE tiling"
+)
 @click.option("--vae-tile", type=int, help="decode the VAE in latent tiles of this size")
 @click.option("--providers", help="comma-separated onnxruntime execution providers")
 @click.option("--quiet", is_flag=True)
@@ -160,6 +163,7 @@ def generate_cmd(
     noise_tau: float,
     precision: str | None,
     lean: bool,
+    memory_budget: str | None,
     vae_tile: int | None,
     providers: str | None,
     quiet: bool,
@@ -182,7 +186,11 @@ def generate_cmd(
     else:
         injection = given if noise_alpha != 0 else None
     pipe = Pipeline.load(
-        artifacts, providers=providers.split(",") if providers else None, lean=lean, precision=precision
+        artifacts,
+        providers=providers.split(",") if providers else None,
+        lean=lean,
+        precision=precision,
+        memory_budget=memory_budget,
     )
     result = pipe(
         prompt,
@@ -208,10 +216,51 @@ def generate_cmd(
         for k in ("text_encoder", "unet_encoder", "unet_decoder", "unet", "vae_decoder", "overhead")
         if t[k] > 0
     )
+    if "memory_plan" in result.info:
+        click.echo(result.info["memory_plan"])
     click.echo(
         f"wrote {out}: total {t['total']:.2f}s ({parts}; session load {t['load']:.2f}s), "
         f"peak RSS {result.peak_rss_gib:.2f} GiB"
     )
+
+
+@main.command("profile-memory")
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path))
+@click.option("--height", type=int, help="pixels (default: the export size)")
+@click.option("--width", type=int, help="pixels (default: the export size)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]))
+@user_errors
+def profile_memory_cmd(artifacts: Path, height: int | None, width: int | None, precision: str | None) -> None:
+    """Measure what each graph costs in memory on this machine (sessions, creation, activations at two
+    sizes, default and lean ORT options) and store it in the folder for --memory-budget plans."""
+    from tqdm import tqdm
+
+    from effdiff.runtime.backends.ort import OrtBackend
+    from effdiff.runtime.memory import OPTION_SETS, PROFILE_FILE, profile_memory
+    from effdiff.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(artifacts, precision=precision)
+    h, w = pipe.default_size()
+    latent = pipe.geometry.latent_size(height or h, width or w)
+    bar = tqdm(total=len(pipe.variants) * len(OPTION_SETS), desc="profile", unit="graph")
+    profile = profile_memory(
+        pipe.artifacts,
+        pipe.manifest,
+        pipe.variants,
+        pipe.specs,
+        lambda options: OrtBackend(session_options=options),
+        latent,
+        progress=bar.update,
+    )
+    bar.close()
+    for graph, variants in profile.costs.items():
+        for variant, options in variants.items():
+            for name, cost in options.items():
+                click.echo(
+                    f"{graph:<14} {variant:<5} {name:<8} resident {cost.resident / 2**20:8.1f} MiB, creation "
+                    f"+{cost.create_extra / 2**20:7.1f} MiB, activations x pixels^{cost.exponent:.2f}"
+                )
+    click.echo(f"wrote {pipe.artifacts / PROFILE_FILE}")
 
 
 @main.command("verify")

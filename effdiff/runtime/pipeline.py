@@ -90,6 +90,12 @@ class GenerationResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
     if optional and value is None:
         return
@@ -139,9 +145,12 @@ class Pipeline:
         precision: Precision,
         resident: tuple[str, ...] | None = None,
         verify: bool = False,
+        memory_budget: int | None = None,
     ) -> None:
         self.artifacts = Path(artifacts)
         self.verify = verify
+        self.memory_budget = memory_budget
+        self._baseline_rss = _rss()
         self.manifest = manifest
         self.backend = backend
         self.precision = precision
@@ -163,11 +172,14 @@ class Pipeline:
         lean: bool = False,
         precision: Precision | str | None = None,
         verify: bool = False,
+        memory_budget: int | str | None = None,
     ) -> Pipeline:
         """Read and check the manifest and the files a run needs; open no graph yet. Graphs open on first
         use (so a run opens only those its schedule needs, and bad arguments are refused before any
         expensive work); `open_graph` opens one ahead of time. Files are checked by size, and by sha256
-        when they changed since they were last verified, or always with `verify=True`."""
+        when they changed since they were last verified, or always with `verify=True`. With a
+        `memory_budget` (bytes or text such as "2GiB"), every call plans how to fit it first
+        (`effdiff.runtime.memory`) or refuses in one line."""
         if not isinstance(artifacts, str | Path):
             raise EffdiffError(f"artifacts must be a folder path, got {type(artifacts).__name__}")
         artifacts = Path(artifacts)
@@ -185,7 +197,22 @@ class Pipeline:
             raise EffdiffError(str(exc)) from None
         for graph in ("text_encoder", "vae_decoder"):
             manifest.choose(graph, chosen)  # a missing variant is named now; UNet graphs by `plan`
-        return cls(artifacts, manifest, backend, chosen, resident=() if lean else None, verify=verify)
+        budget = None
+        if memory_budget is not None:
+            from effdiff.runtime.memory import parse_size
+
+            budget = memory_budget if isinstance(memory_budget, int) else parse_size(memory_budget)
+            if not hasattr(backend, "session_options"):
+                raise EffdiffError(f"memory budgets are planned for the ort backend, not {backend.name}")
+        return cls(
+            artifacts,
+            manifest,
+            backend,
+            chosen,
+            resident=() if lean else None,
+            verify=verify,
+            memory_budget=budget,
+        )
 
     def require(self, graphs: tuple[str, ...]) -> None:
         """EffdiffError naming the first graph without a variant at this pipeline's precision."""
@@ -423,6 +450,36 @@ class Pipeline:
         _check_finite(images, "vae_decoder", "for the final latents")
         return images
 
+    # ------------------------------------------------------------ memory
+
+    def plan_memory(self, schedule: KeySchedule, images: int, height: int, width: int) -> Any:
+        """Plan this request under the pipeline's memory budget and apply the plan: which graphs stay
+        resident, the session options (graphs opened with other options are released), VAE tiling."""
+        from effdiff.runtime.memory import MemoryProfile, plan_memory
+
+        assert self.memory_budget is not None
+        self.require(schedule.graphs)
+        rows = 2 * images
+        latent = self.geometry.latent_size(height, width)
+        needed = {g: self.variants[g] for g in ("text_encoder", *schedule.graphs, "vae_decoder")}
+        plan = plan_memory(
+            self.manifest,
+            needed,
+            schedule.graphs,
+            rows,
+            latent,
+            self.memory_budget,
+            MemoryProfile.read(self.artifacts),
+            self._baseline_rss,
+        )
+        options = plan.session_options
+        if getattr(self.backend, "session_options", None) != options:
+            for name in self.graphs.open_names:
+                self.graphs.release(name)
+            self.backend.session_options = options  # type: ignore[attr-defined]
+        self.graphs.resident = tuple(GRAPHS) if not plan.lean else plan.resident
+        return plan
+
     # ------------------------------------------------------------ all together
 
     def initial_noise(
@@ -484,6 +541,11 @@ class Pipeline:
             raise EffdiffError(f"at most {MAX_IMAGES} images per call (prompts x num_images), got {batch}")
         unit_noise = self.initial_noise(batch, height, width, seed, latents)
 
+        plan_line = None
+        if self.memory_budget is not None:
+            memory = self.plan_memory(plan.schedule, batch, height, width)
+            plan_line = memory.describe()
+            vae_tile = vae_tile or memory.vae_tile
         usage = Usage()
         monitor = None
         if measure_memory:
@@ -514,4 +576,5 @@ class Pipeline:
             dict(usage.calls),
             plan.schedule.run_keys(plan.steps),
             monitor.peak_gib if monitor is not None else None,
+            {"memory_plan": plan_line} if plan_line else {},
         )

@@ -1,0 +1,157 @@
+"""Where the memory goes: per graph and variant, weights on disk, RSS added by creating its ONNX Runtime
+session, the peak during creation, and the peak while it runs at a given size; then the effect of each
+ONNX Runtime option that matters on memory and speed.
+
+Every measurement runs in a fresh process, so one graph's allocations never hide another's.
+
+  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory.py --artifacts artifacts/sd15-arch --size 512 \
+      [--graphs unet_encoder,unet_decoder] [--variants fp32,int8] [--options default,lean]
+  (SD1.5 architecture: ~1 minute per graph and option set on 2 cores; prints a markdown table and
+   writes benchmarks/results/memory_<artifacts>_<size>.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# ONNX Runtime session options tried (`config:` entries are session config keys).
+OPTION_SETS: dict[str, dict[str, object]] = {
+    "default": {},
+    "no-arena": {"enable_cpu_mem_arena": False},
+    "no-mem-pattern": {"enable_mem_pattern": False},
+    "no-prepack": {"config:session.disable_prepacking": "1"},
+    "opt-basic": {"graph_optimization_level": "ORT_ENABLE_BASIC"},
+    "lean": {
+        "enable_cpu_mem_arena": False,
+        "enable_mem_pattern": False,
+        "config:session.disable_prepacking": "1",
+    },
+}
+
+
+def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size: int, rows: int) -> dict:
+    """In this process: create the session, then run it twice at the size; RSS figures in GiB."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from effdiff.artifacts import Manifest
+    from effdiff.profiling import PeakRSS
+    from effdiff.runtime.backends.ort import OrtGraph
+
+    manifest = Manifest.read(artifacts)
+    var = manifest.variant(graph, variant)
+    spec = manifest.spec(graph, var)
+    options = dict(OPTION_SETS[option_set])
+    if "graph_optimization_level" in options:
+        options["graph_optimization_level"] = getattr(
+            ort.GraphOptimizationLevel, str(options["graph_optimization_level"])
+        )
+    f = manifest.geometry.vae_factor
+    lat = size // f
+    feeds = spec.sample_inputs(rows, lat, lat, np.random.default_rng(0), timesteps=np.full(rows, 501.0))
+    if "input_ids" in feeds:
+        feeds["input_ids"] = np.minimum(feeds["input_ids"], 400)
+    with PeakRSS(0.002) as create:
+        start = time.perf_counter()
+        session = OrtGraph(artifacts / var.file, spec, options=options)
+        create_s = time.perf_counter() - start
+    import psutil
+
+    steady = psutil.Process().memory_info().rss
+    times = []
+    with PeakRSS(0.002) as running:
+        for _ in range(2):
+            start = time.perf_counter()
+            session.run(feeds)
+            times.append(time.perf_counter() - start)
+    after = psutil.Process().memory_info().rss
+    return {
+        "graph": graph,
+        "variant": variant,
+        "options": option_set,
+        "size": size,
+        "rows": rows,
+        "disk_gib": var.size_bytes / 2**30,
+        "base_gib": create.baseline_bytes / 2**30,
+        "session_added_gib": (steady - create.baseline_bytes) / 2**30,
+        "create_peak_added_gib": (create.peak_bytes - create.baseline_bytes) / 2**30,
+        "run_peak_added_gib": (running.peak_bytes - create.baseline_bytes) / 2**30,
+        "after_run_added_gib": (after - create.baseline_bytes) / 2**30,
+        "create_s": create_s,
+        "run_s": min(times),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--size", type=int, default=512, help="image size in pixels")
+    parser.add_argument("--rows", type=int, default=2, help="batch rows (2 = one image with CFG)")
+    parser.add_argument(
+        "--graphs", default="text_encoder,unet_encoder,unet_decoder,unet,unet_shallow,vae_decoder"
+    )
+    parser.add_argument("--variants", default="fp32")
+    parser.add_argument("--options", default="default,lean")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one measurement
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    if args.one:
+        graph, variant, option_set = args.graphs, args.variants, args.options
+        print(json.dumps(measure_one(args.artifacts, graph, variant, option_set, args.size, args.rows)))
+        return
+    from effdiff.bench.device import describe, device_profile
+
+    results = []
+    print(f"machine: {describe(device_profile())}", flush=True)
+    for variant in args.variants.split(","):
+        for graph in args.graphs.split(","):
+            for option_set in args.options.split(","):
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    "--artifacts",
+                    str(args.artifacts),
+                    "--size",
+                    str(args.size),
+                    "--rows",
+                    str(args.rows),
+                    "--graphs",
+                    graph,
+                    "--variants",
+                    variant,
+                    "--options",
+                    option_set,
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{graph} {variant} {option_set}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    lines = [
+        f"| graph | variant | options | disk GiB | session added GiB | creation peak GiB | run peak GiB "
+        f"({args.size}px, {args.rows} rows) | create s | run s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['graph']} | {r['variant']} | {r['options']} | {r['disk_gib']:.2f} | "
+            f"{r['session_added_gib']:.2f} | {r['create_peak_added_gib']:.2f} | "
+            f"{r['run_peak_added_gib']:.2f} | {r['create_s']:.1f} | {r['run_s']:.2f} |"
+        )
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"memory_{args.artifacts.name}_{args.size}.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

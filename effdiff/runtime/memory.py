@@ -1,0 +1,305 @@
+"""Plan a generation to fit a memory budget: which graphs stay resident, whether components load one at
+a time, which ONNX Runtime options, VAE tiling; or refuse up front, in one line, when nothing fits.
+
+The plan rests on what each graph costs: resident bytes after its session is created, the extra peak
+while creating it, and the activation peak while it runs, which grows with batch rows and latent
+pixels. Those come from a memory profile measured on this machine (`effdiff profile-memory`, written
+into the artifacts folder as memory_profile.json); without one, from factors of the weights measured
+on the SD1.5 architecture (benchmarks/memory.py; README "Memory"), which the plan says it used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from effdiff.artifacts import Manifest, Variant, write_json
+from effdiff.errors import EffdiffError
+from effdiff.specs import GraphSpec
+
+PROFILE_FILE = "memory_profile.json"
+# ONNX Runtime options that trade a little speed for memory: no arena (freed buffers go back to the
+# system), no memory pattern (no planned block for the largest shapes), no pre-packed weight copies.
+LEAN_OPTIONS: dict[str, Any] = {
+    "enable_cpu_mem_arena": False,
+    "enable_mem_pattern": False,
+    "config:session.disable_prepacking": "1",
+}
+OPTION_SETS = {"default": {}, "lean": LEAN_OPTIONS}
+SAFETY = 0.92  # plan for this share of the budget: allocator slack, Python, the sampler's arrays
+
+# Without a profile: multiples of a variant's weights, measured on the SD1.5 architecture at 512x512
+# with 2 rows (benchmarks/memory.py). Activation bytes per row and latent pixel scale as pixels^1.
+FALLBACK = {
+    # option set: (resident / weights, creation peak / weights)
+    "default": (1.6, 2.6),
+    "lean": (1.1, 1.5),
+}
+FALLBACK_ACTIVATION_PER_ROW_PIXEL = 60_000.0  # bytes; the UNet at 64x64 latents: ~0.5 GiB per row
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '1.5 GB', '800MiB', '3e9' -> bytes; EffdiffError for anything else."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?)?\s*", str(text).lower())
+    if not m:
+        raise EffdiffError(f"memory budget {text!r} is not a size like 2GiB, 1.5GB or 800MiB")
+    value, unit = float(m.group(1)), (m.group(2) or "b")
+    scale = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit[0]] if unit != "b" else 1
+    if "i" in unit:
+        scale = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit[0]]
+    size = int(value * scale)
+    if size <= 0 or not math.isfinite(value):
+        raise EffdiffError(f"memory budget must be positive, got {text!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class GraphCost:
+    """One graph variant with one option set: bytes resident, extra bytes while creating, and the
+    activation peak per (row x latent pixel**exponent)."""
+
+    resident: float
+    create_extra: float
+    activation_per_unit: float
+    exponent: float = 1.0
+    measured: bool = False
+
+    def activation(self, rows: int, pixels: int) -> float:
+        return self.activation_per_unit * rows * pixels**self.exponent
+
+
+@dataclass
+class MemoryProfile:
+    """Measured costs: graph -> variant -> option set -> GraphCost, and the process baseline."""
+
+    costs: dict[str, dict[str, dict[str, GraphCost]]] = field(default_factory=dict)
+    baseline: float = 0.0
+    machine: str = ""
+
+    def cost(self, graph: str, variant: Variant, options: str) -> GraphCost:
+        found = self.costs.get(graph, {}).get(variant.name, {}).get(options)
+        if found is not None:
+            return found
+        resident, create = FALLBACK[options]
+        return GraphCost(
+            variant.size_bytes * resident,
+            variant.size_bytes * (create - resident),
+            FALLBACK_ACTIVATION_PER_ROW_PIXEL * _width_scale(variant),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "baseline": self.baseline,
+            "costs": {
+                g: {v: {o: asdict(c) for o, c in opts.items()} for v, opts in vs.items()}
+                for g, vs in self.costs.items()
+            },
+        }
+
+    @classmethod
+    def read(cls, folder: Path) -> MemoryProfile | None:
+        path = Path(folder) / PROFILE_FILE
+        try:
+            data = json.loads(path.read_text())
+            costs = {
+                g: {v: {o: GraphCost(**c) for o, c in opts.items()} for v, opts in vs.items()}
+                for g, vs in data["costs"].items()
+            }
+            return cls(costs, float(data["baseline"]), str(data.get("machine", "")))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def _width_scale(variant: Variant) -> float:
+    """Activations of a graph without a profile: proportional to its weights' share of SD1.5's UNet
+    (3.3 GB fp32), a coarse stand-in for its channel widths; fp16 halves them."""
+    weights = variant.size_bytes * (2 if variant.precision.value == "fp16" else 1)
+    return max(0.02, min(1.0, weights / 3.3e9)) * (0.5 if variant.precision.value == "fp16" else 1.0)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    estimate: float
+    resident: tuple[str, ...]  # graphs kept open between phases
+    options: str  # "default" | "lean"
+    vae_tile: int | None
+    measured: bool  # from a memory profile, not fallback factors
+    rank: int = 0  # position among the candidate plans, fastest first
+
+    @property
+    def session_options(self) -> dict[str, Any]:
+        return dict(OPTION_SETS[self.options])
+
+    def describe(self) -> str:
+        loading = (
+            "all graphs resident"
+            if not self.lean
+            else (
+                "components loaded one at a time"
+                + (f", {', '.join(self.resident)} resident" if self.resident else "")
+            )
+        )
+        parts = [
+            loading,
+            "ORT arena/memory pattern/pre-packing off" if self.options == "lean" else "ORT defaults",
+        ]
+        if self.vae_tile:
+            parts.append(f"VAE in tiles of {self.vae_tile} latents")
+        source = (
+            "measured profile"
+            if self.measured
+            else "estimate from weights; `effdiff profile-memory` measures"
+        )
+        return (
+            f"memory plan for {self.budget / 2**30:.2f} GiB: {'; '.join(parts)}; "
+            f"estimated peak {self.estimate / 2**30:.2f} GiB ({source})"
+        )
+
+    @property
+    def lean(self) -> bool:
+        return self.resident != ("*",)
+
+
+def plan_memory(
+    manifest: Manifest,
+    variants: Mapping[str, Variant],
+    unet_graphs: tuple[str, ...],
+    rows: int,
+    latent_hw: tuple[int, int],
+    budget: int,
+    profile: MemoryProfile | None,
+    baseline: float,
+) -> MemoryPlan:
+    """The fastest plan whose estimated peak fits `budget`; EffdiffError naming the leanest plan's
+    need when none does. Plans, fastest first: everything resident; UNet graphs resident and the text
+    encoder and VAE loaded per phase; one component at a time; then each with lean ORT options; then
+    with the VAE in ever smaller tiles."""
+    profile = profile or MemoryProfile()
+    measured = bool(profile.costs)
+    pixels = latent_hw[0] * latent_hw[1]
+    phases = {"text": ("text_encoder",), "unet": unet_graphs, "vae": ("vae_decoder",)}
+    candidates: list[tuple[tuple[str, ...], str, int | None]] = []
+    side = min(latent_hw)
+    tiles = [t for t in (side // 2, side // 4) if t >= 8]
+    for options in ("default", "lean"):
+        candidates += [(("*",), options, None), (unet_graphs, options, None), ((), options, None)]
+    candidates += [((), "lean", t) for t in tiles]
+
+    images = max(1, rows // 2)  # the VAE decodes images, not the guidance rows
+
+    def peak(resident: tuple[str, ...], options: str, tile: int | None) -> float:
+        # (rows, latent pixels) each phase runs its graphs at
+        args = {
+            "text": (rows, pixels),
+            "unet": (rows, pixels),
+            "vae": (images, tile * tile if tile else pixels),
+        }
+        phase_of = {g: name for name, graphs in phases.items() for g in graphs}
+        kept = list(phase_of) if resident == ("*",) else list(resident)
+
+        def held(g: str) -> float:
+            # a resident graph keeps its session; with the default arena also its last run's peak
+            cost = profile.cost(g, variants[g], options)
+            return cost.resident + (cost.activation(*args[phase_of[g]]) if options == "default" else 0.0)
+
+        worst = 0.0
+        for name, graphs in phases.items():
+            costs = [profile.cost(g, variants[g], options) for g in graphs]
+            others = sum(held(g) for g in kept if g not in graphs)
+            opened = sum(c.resident for c in costs)
+            creating = max(c.create_extra for c in costs)  # one session is created at a time
+            act = max(c.activation(*args[name]) for c in costs)
+            worst = max(worst, others + opened + max(creating, act))
+        return baseline + worst
+
+    estimates = []
+    for rank, (resident, options, tile) in enumerate(candidates):
+        estimate = peak(resident, options, tile)
+        estimates.append(estimate)
+        if estimate <= budget * SAFETY:
+            return MemoryPlan(budget, estimate, resident, options, tile, measured, rank)
+    need = min(estimates) / SAFETY
+    raise EffdiffError(
+        f"no plan fits a memory budget of {budget / 2**30:.2f} GiB: the leanest (one component at a time, "
+        f"lean ORT options, VAE tiles) needs about {need / 2**30:.2f} GiB "
+        f"({'measured profile' if measured else 'estimate from weights'}); try a smaller size, "
+        "--precision int8, or a larger budget"
+    )
+
+
+def profile_memory(
+    folder: Path,
+    manifest: Manifest,
+    variants: Mapping[str, Variant],
+    specs: Mapping[str, GraphSpec],
+    backend_factory: Any,
+    latent_hw: tuple[int, int],
+    rows: int = 2,
+    progress: Any = None,
+) -> MemoryProfile:
+    """Measure each graph's costs in this process, one graph at a time, at the size given and at half of
+    it (to fit the activation exponent); write memory_profile.json into the folder."""
+    import gc
+
+    import psutil
+
+    from effdiff.profiling import PeakRSS
+
+    proc = psutil.Process()
+    gc.collect()
+    profile = MemoryProfile(baseline=float(proc.memory_info().rss), machine=_machine())
+    h, w = latent_hw
+    sizes = [(h, w), (max(8, h // 2), max(8, w // 2))]
+    for graph, variant in variants.items():
+        for options in OPTION_SETS:
+            backend = backend_factory(OPTION_SETS[options])
+            peaks = []
+            with PeakRSS(0.002) as create:
+                handle = backend.open(folder / variant.file, specs[graph])
+            resident = float(proc.memory_info().rss - create.baseline_bytes)
+            for sh, sw in sizes:
+                feeds = specs[graph].sample_inputs(
+                    rows, sh, sw, np.random.default_rng(0), timesteps=np.full(rows, 501.0)
+                )
+                if "input_ids" in feeds:
+                    feeds["input_ids"] = np.minimum(feeds["input_ids"], 256)
+                with PeakRSS(0.002) as run:
+                    handle.run(feeds)
+                peaks.append((sh * sw, max(0.0, run.peak_bytes - run.baseline_bytes)))
+            del handle
+            gc.collect()
+            (p1, a1), (p2, a2) = peaks
+            exponent = (
+                1.0
+                if a1 <= 0 or a2 <= 0 or p1 == p2
+                else float(np.clip(np.log(a1 / a2) / np.log(p1 / p2), 0.5, 2.0))
+            )
+            per_unit = a1 / (rows * p1**exponent) if a1 > 0 else 0.0
+            cost = GraphCost(
+                resident,
+                max(0.0, create.peak_bytes - create.baseline_bytes - resident),
+                per_unit,
+                exponent,
+                True,
+            )
+            profile.costs.setdefault(graph, {}).setdefault(variant.name, {})[options] = cost
+            if progress is not None:
+                progress()
+    write_json(Path(folder) / PROFILE_FILE, profile.to_json())
+    return profile
+
+
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()} {platform.processor()} {time.strftime('%Y-%m-%d')}"

@@ -1,0 +1,110 @@
+"""Memory budgets: sizes parse, the planner picks the fastest plan that fits a profile, and refuses in
+one line when none does; the pipeline applies the plan it chose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from effdiff.artifacts import Manifest
+from effdiff.errors import EffdiffError
+from effdiff.runtime.memory import GraphCost, MemoryProfile, parse_size, plan_memory
+from effdiff.runtime.pipeline import Pipeline
+
+from .test_cli import assert_one_line_error, run
+
+GIB = 2**30
+
+
+def test_parse_size() -> None:
+    assert parse_size("2GiB") == 2 * GIB and parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("800MiB") == 800 * 2**20 and parse_size("3e9") == 3_000_000_000
+    for bad in ("two", "-1GiB", "0", "1.5 parsecs"):
+        with pytest.raises(EffdiffError, match="memory budget"):
+            parse_size(bad)
+
+
+def _profile(manifest: Manifest) -> MemoryProfile:
+    """A synthetic profile in the proportions of SD1.5 with INT8 UNet halves (GiB): at 512x512 the VAE
+    decode's activations outgrow the UNet's, so tiling it pays."""
+    sizes = {"text_encoder": 0.5, "unet_encoder": 0.35, "unet_decoder": 0.5, "vae_decoder": 0.2}
+    costs = {}
+    for graph, gib in sizes.items():
+        act = 4.0 if graph == "vae_decoder" else 0.3  # at 512x512 the VAE decode peaks highest
+        costs[graph] = {
+            "fp32": {
+                "default": GraphCost(gib * 1.5 * GIB, gib * GIB, act * GIB / (2 * 64 * 64), 1.0, True),
+                "lean": GraphCost(
+                    gib * 1.05 * GIB, gib * 0.3 * GIB, act * 0.8 * GIB / (2 * 64 * 64), 1.0, True
+                ),
+            }
+        }
+    return MemoryProfile(costs, 0.2 * GIB, "synthetic")
+
+
+def test_planner_picks_the_fastest_plan_that_fits(sd1_artifacts: Path) -> None:
+    manifest = Manifest.read(sd1_artifacts)
+    variants = {
+        g: manifest.variant(g, "fp32")
+        for g in ("text_encoder", "unet_encoder", "unet_decoder", "vae_decoder")
+    }
+    graphs = ("unet_encoder", "unet_decoder")
+    profile = _profile(manifest)
+
+    def plan(budget: float):  # 512x512, one image with CFG
+        return plan_memory(
+            manifest, variants, graphs, 2, (64, 64), int(budget * GIB), profile, profile.baseline
+        )
+
+    plans, refused = [], []
+    for budget in [b / 8 for b in range(64, 3, -1)]:  # 8 GiB down to 0.5 GiB
+        try:
+            plans.append((budget, plan(budget)))
+        except EffdiffError as exc:
+            refused.append(budget)
+            assert "no plan fits" in str(exc) and "\n" not in str(exc)
+    first = plans[0][1]
+    assert first.resident == ("*",) and first.options == "default" and first.vae_tile is None
+    ranks = [p.rank for _, p in plans]
+    assert ranks == sorted(ranks), "a smaller budget never gets a faster plan"
+    assert all(p.estimate <= b * GIB and "measured profile" in p.describe() for b, p in plans)
+    assert any(p.vae_tile for _, p in plans) and any(p.options == "lean" for _, p in plans)
+    assert refused and max(refused) < min(b for b, _ in plans), "refusals only below the leanest plan"
+
+
+def test_pipeline_applies_its_plan(sd1_artifacts: Path, tmp_path: Path) -> None:
+    pipe = Pipeline.load(sd1_artifacts, memory_budget="8GiB")
+    res = pipe("a cat", steps=3, propagation="uniform:2")
+    assert "all graphs resident" in res.info["memory_plan"]
+    assert_one_line_error(
+        run(
+            "effdiff",
+            "generate",
+            "--artifacts",
+            str(sd1_artifacts),
+            "--prompt",
+            "p",
+            "--out",
+            str(tmp_path / "o.png"),
+            "--memory-budget",
+            "10MiB",
+            "--quiet",
+        ),
+        "no plan fits a memory budget of 0.01 GiB",
+    )
+    assert_one_line_error(
+        run(
+            "effdiff",
+            "generate",
+            "--artifacts",
+            str(sd1_artifacts),
+            "--prompt",
+            "p",
+            "--out",
+            str(tmp_path / "o.png"),
+            "--memory-budget",
+            "lots",
+        ),
+        "is not a size",
+    )
