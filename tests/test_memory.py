@@ -77,34 +77,9 @@ def test_pipeline_applies_its_plan(sd1_artifacts: Path, tmp_path: Path) -> None:
     pipe = Pipeline.load(sd1_artifacts, memory_budget="8GiB")
     res = pipe("a cat", steps=3, propagation="uniform:2")
     assert "all graphs resident" in res.info["memory_plan"]
+    generate = ["effdiff", "generate", "--artifacts", str(sd1_artifacts), "--prompt", "p", "--quiet"]
+    out = ["--out", str(tmp_path / "o.png")]
     assert_one_line_error(
-        run(
-            "effdiff",
-            "generate",
-            "--artifacts",
-            str(sd1_artifacts),
-            "--prompt",
-            "p",
-            "--out",
-            str(tmp_path / "o.png"),
-            "--memory-budget",
-            "10MiB",
-            "--quiet",
-        ),
-        "no plan fits a memory budget of 0.01 GiB",
+        run(*generate, *out, "--memory-budget", "10MiB"), "no plan fits a memory budget of 0.01"
     )
-    assert_one_line_error(
-        run(
-            "effdiff",
-            "generate",
-            "--artifacts",
-            str(sd1_artifacts),
-            "--prompt",
-            "p",
-            "--out",
-            str(tmp_path / "o.png"),
-            "--memory-budget",
-            "lots",
-        ),
-        "is not a size",
-    )
+    assert_one_line_error(run(*generate, *out, "--memory-budget", "lots"), "is not a size")
