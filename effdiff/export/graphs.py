@@ -34,14 +34,14 @@ class Case:
 class GraphExport:
     name: str
     component: str  # the diffusers component it is cut from: "text_encoder", "unet" or "vae"
-    wrapper: str  # class name in effdiff.export.split
+    wrapper: str  # class name in effdiff.runtime.backends.torch_modules (the torch backend runs it too)
     spatial: bool = True  # has latent axes: validated at two sizes (else at two batch sizes only)
     features_from: str | None = None  # its feature inputs are this graph's outputs (the decoder)
     variadic_from: int | None = None  # inputs from this index on are one *args tuple in forward()
     max_steps: int = 1  # steps per call it is validated at (parallel decoding)
 
     def module(self, component: Any) -> Any:
-        split = require("effdiff.export.split")
+        split = require("effdiff.runtime.backends.torch_modules")
         return getattr(split, self.wrapper)(component).eval()
 
     def dynamic_shapes(self, spec: GraphSpec) -> tuple[Any, ...]:

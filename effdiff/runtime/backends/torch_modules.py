@@ -1,0 +1,181 @@
+"""The UNet split by composition, as PyTorch modules: they hold the diffusers submodules, copy no forward,
+keep no state. The ONNX and CoreML exports trace them; the `torch` backend runs them.
+
+ENCODER: conv_in, time embedding, down blocks, mid block -> (mid, skip_00 .. skip_NN)
+DECODER: time embedding, up blocks, conv_norm_out/conv_act/conv_out -> noise prediction
+
+The decoder embeds its own timesteps, so one decoder batch may carry a different timestep per row
+(the runtime batches the decoder calls of consecutive non-key steps this way).
+
+Torch-only, and imported only lazily (by the `torch` backend and by `effdiff.export`): it lives in the
+runtime layer so the runtime can build graphs from a source model without importing the export layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from effdiff._deps import require
+from effdiff.errors import EffdiffError
+
+torch = require("torch")
+nn = torch.nn
+
+# graph -> (the diffusers component it is cut from, its module class below)
+SPLIT_MODULES: dict[str, tuple[str, str]] = {
+    "text_encoder": ("text_encoder", "TextEncoder"),
+    "unet_encoder": ("unet", "UNetEncoder"),
+    "unet_decoder": ("unet", "UNetDecoder"),
+    "unet": ("unet", "WholeUNet"),
+    "vae_decoder": ("vae", "VAEDecoder"),
+}
+
+
+def load_pretrained(folder: Path, component: str, dtype: Any = None) -> Any:
+    """One component of a diffusers pipeline folder, in eval mode without gradients, offline.
+    `dtype` (a torch dtype) converts its weights; None keeps them as saved (fp32 for our exports)."""
+    diffusers = require("diffusers")
+    transformers = require("transformers")
+    loaders = {
+        "unet": lambda p: diffusers.UNet2DConditionModel.from_pretrained(p),
+        "vae": lambda p: diffusers.AutoencoderKL.from_pretrained(p),
+        "text_encoder": lambda p: transformers.CLIPTextModel.from_pretrained(p),
+        "tokenizer": lambda p: transformers.CLIPTokenizer.from_pretrained(p),
+    }
+    try:
+        obj = loaders[component](Path(folder) / component)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EffdiffError(f"cannot load {component} from {folder}: {first}") from exc
+    if hasattr(obj, "eval"):
+        obj.eval().requires_grad_(False)
+        if dtype is not None:
+            obj.to(dtype)
+    return obj
+
+
+def split_module(graph: str, component: Any) -> Any:
+    """The module of `graph` around its loaded diffusers component, in eval mode."""
+    return globals()[SPLIT_MODULES[graph][1]](component).eval()
+
+
+def time_embedding(unet: Any, sample: Any, timestep: Any) -> Any:
+    """diffusers' own timestep projection + MLP (+ act), one embedding per batch row."""
+    t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
+    emb = unet.time_embedding(t_emb, None)
+    return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
+
+
+def _has_cross_attention(block: Any) -> bool:
+    return bool(getattr(block, "has_cross_attention", False))
+
+
+class UNetEncoder(nn.Module):
+    """(sample, timestep, encoder_hidden_states) -> (mid, *skips)."""
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any) -> tuple[Any, ...]:
+        unet = self.unet
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = time_embedding(unet, sample, timestep)
+        hidden = unet.conv_in(sample)
+        skips: tuple[Any, ...] = (hidden,)
+        for block in unet.down_blocks:
+            if _has_cross_attention(block):
+                hidden, res = block(
+                    hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states
+                )
+            else:
+                hidden, res = block(hidden_states=hidden, temb=emb)
+            skips += res
+        if _has_cross_attention(unet.mid_block):
+            mid = unet.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            mid = unet.mid_block(hidden, emb)
+        return (mid, *skips)
+
+
+def repeat_rows(x: Any, times: Any) -> Any:
+    """(B, ...) -> (times * B, ...), step-major: row j * B + b is row b of step j."""
+    return x.repeat(times, *([1] * (x.dim() - 1)))
+
+
+class UNetDecoder(nn.Module):
+    """(timestep (k*B,), encoder_hidden_states (B,..), mid (B,..), *skips (B,..)) -> noise (k*B, ...).
+
+    One call may decode k steps that share one key step's features: `timestep` holds k*B rows and
+    the features and text embeddings are repeated k times here, inside the graph, so no backend copies
+    them k times on the host. Latent height/width must be multiples of the UNet factor, so up blocks
+    need no explicit upsample_size.
+    """
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, timestep: Any, encoder_hidden_states: Any, mid: Any, *skips: Any) -> Any:
+        unet = self.unet
+        steps = timestep.shape[0] // mid.shape[0]
+        mid = repeat_rows(mid, steps)
+        skips = tuple(repeat_rows(s, steps) for s in skips)
+        encoder_hidden_states = repeat_rows(encoder_hidden_states, steps)
+        emb = time_embedding(unet, mid, timestep)
+        hidden = mid
+        remaining = skips
+        for block in unet.up_blocks:
+            n = len(block.resnets)
+            res, remaining = remaining[-n:], remaining[:-n]
+            if _has_cross_attention(block):
+                hidden = block(
+                    hidden_states=hidden,
+                    temb=emb,
+                    res_hidden_states_tuple=res,
+                    encoder_hidden_states=encoder_hidden_states,
+                )
+            else:
+                hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res)
+        if unet.conv_norm_out is not None:
+            hidden = unet.conv_act(unet.conv_norm_out(hidden))
+        return unet.conv_out(hidden)
+
+
+class WholeUNet(nn.Module):
+    """The unsplit diffusers UNet with per-row timesteps: the baseline graph."""
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any) -> Any:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class TextEncoder(nn.Module):
+    """input_ids -> last_hidden_state, as StableDiffusionPipeline uses it (no attention mask)."""
+
+    def __init__(self, text_encoder: Any) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: Any) -> Any:
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class VAEDecoder(nn.Module):
+    """Model-space latent -> image in [-1, 1]; the scaling factor is inside the graph."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: Any) -> Any:
+        cfg = self.vae.config
+        z = latent / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None):
+            z = z + cfg.shift_factor
+        return self.vae.decode(z, return_dict=False)[0]
