@@ -43,11 +43,12 @@ def variant_file(graph: str, variant: str, suffix: str = ".onnx") -> str:
     return f"{graph}{suffix}" if variant == Precision.FP32.value else f"{graph}.{variant}{suffix}"
 
 
-def variant_name(precision: Precision | str, fmt: str = "onnx") -> str:
+def variant_name(precision: Precision | str, fmt: str = "onnx", tag: str = "") -> str:
     """A variant's key in its graph's `variants`: the precision for ONNX graphs ("fp16"), and
-    FORMAT-PRECISION for engines and packages ("trt-fp16", "coreml-fp16")."""
+    FORMAT-PRECISION[-TAG] for engines and packages ("trt-fp16", "coreml-fp16", "coreml-fp16-pal6")."""
     value = Precision.parse(precision).value
-    return value if fmt == "onnx" else f"{fmt}-{value}"
+    name = value if fmt == "onnx" else f"{fmt}-{value}"
+    return f"{name}-{tag}" if tag else name
 
 
 # ---------------------------------------------------------------- atomic writes and hashes
@@ -279,28 +280,33 @@ class Manifest:
             "int8": "run `effdiff-export int8 --artifacts DIR`",
             "fp16": "run `effdiff-export onnx --precision fp16` into this folder",
         }.get(name, "re-run the export")
-        fmt, _, precision = name.partition("-")
+        fmt, _, rest = name.partition("-")
+        precision, _, tag = rest.partition("-")
         if fmt in ("trt", "coreml") and precision:
             how = f"run `effdiff-export {fmt} --artifacts DIR --precision {precision}`"
+            if tag.startswith("pal"):
+                how = how[:-1] + f" --palettize {tag[3:]}`"
         raise EffdiffError(f"{graph} has no {name} variant in this folder (it has: {have}); {how}")
 
-    def find(self, graph: str, precision: Precision | str, fmt: str = "onnx") -> Variant | None:
+    def find(
+        self, graph: str, precision: Precision | str, fmt: str = "onnx", tag: str = ""
+    ) -> Variant | None:
         """The variant of format `fmt` a pipeline at `precision` runs for `graph`: the same precision
         when the folder has it; else, for graphs that have no INT8 form (text encoder, VAE), the best
         float variant."""
         want = Precision.parse(precision)
         found = self.variants(graph)
-        if variant_name(want, fmt) in found:
-            return found[variant_name(want, fmt)]
+        if variant_name(want, fmt, tag) in found:
+            return found[variant_name(want, fmt, tag)]
         if want is Precision.INT8 and graph not in ("unet_encoder", "unet_decoder", "unet"):
             for fallback in (Precision.FP32, Precision.FP16):
-                if variant_name(fallback, fmt) in found:
-                    return found[variant_name(fallback, fmt)]
+                if variant_name(fallback, fmt, tag) in found:
+                    return found[variant_name(fallback, fmt, tag)]
         return None
 
-    def choose(self, graph: str, precision: Precision | str, fmt: str = "onnx") -> Variant:
+    def choose(self, graph: str, precision: Precision | str, fmt: str = "onnx", tag: str = "") -> Variant:
         """`find`, or EffdiffError naming the variants the folder has and how to make the missing one."""
-        return self.find(graph, precision, fmt) or self.variant(graph, variant_name(precision, fmt))
+        return self.find(graph, precision, fmt, tag) or self.variant(graph, variant_name(precision, fmt, tag))
 
     def default_precision(self, fmt: str = "onnx") -> Precision:
         """ONNX: fp32 when every graph has it, else fp16 (an fp16-only export). Engines and packages:

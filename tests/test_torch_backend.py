@@ -17,9 +17,16 @@ from effdiff.runtime.pipeline import Hooks, Pipeline
 torch = pytest.importorskip("torch")
 
 
+# One torch thread: on a CPU shared with other work, torch's OpenMP threads spin-wait and a tiny UNet
+# call takes ~1 s at 2 threads against ~20 ms at 1 (measured on the 2-core CI machine under load).
+THREADS = 1
+
+
 @pytest.fixture(scope="module")
 def pipes(sd1_artifacts: Path) -> tuple[Pipeline, Pipeline]:
-    return Pipeline.load(sd1_artifacts), Pipeline.load(sd1_artifacts, backend="torch")
+    return Pipeline.load(sd1_artifacts), Pipeline.load(
+        sd1_artifacts, backend=get_backend("torch", threads=THREADS)
+    )
 
 
 def latents(seed: int = 0) -> np.ndarray:
@@ -44,7 +51,9 @@ def test_sd2_matches_onnx_runtime(sd2_artifacts: Path) -> None:
     """SD2 structure (linear projections, v-prediction) through the same modules."""
     kwargs = dict(steps=4, latents=latents(1), propagation="uniform:2")
     want = Pipeline.load(sd2_artifacts)("a blue square", **kwargs)
-    got = Pipeline.load(sd2_artifacts, backend="torch")("a blue square", **kwargs)
+    got = Pipeline.load(sd2_artifacts, backend=get_backend("torch", threads=THREADS))(
+        "a blue square", **kwargs
+    )
     value = psnr(np.asarray(got.images[0]), np.asarray(want.images[0]))
     assert value >= 40.0, f"sd2: torch vs onnxruntime PSNR {value:.1f} dB"
 
@@ -82,6 +91,7 @@ def test_features_stay_tensors_between_encoder_and_decoder(pipes: tuple[Pipeline
         steps=2,
         latents=latents(),
         propagation="uniform:2",
+        max_decoder_batch=2,
         hooks=Hooks(on_graph=lambda name, f: seen.append(name) or None),
     )
     assert seen.count("unet_decoder") == 1 and "unet_encoder" in seen
@@ -146,3 +156,27 @@ def test_cuda_fp16_with_cuda_graphs_close_to_fp32(sd1_artifacts: Path) -> None:
         got = pipe("a red circle", **kwargs)
         value = psnr(np.asarray(got.images[0]), np.asarray(want.images[0]))
         assert value >= 30.0, f"{options}: fp16 CUDA vs fp32 PSNR {value:.1f} dB"
+
+
+def test_bench_compares_backends_in_one_report(sd1_artifacts: Path, tmp_path: Path) -> None:
+    from effdiff.bench.harness import BenchSettings, parse_configs, run_bench, with_backends
+    from effdiff.bench.report import markdown
+
+    configs = with_backends(parse_configs(["full", "fd"], "ddim", 4), ["ort", "torch"])
+    assert [(c.name, c.backend) for c in configs] == [
+        ("full", "ort"),
+        ("fd", "ort"),
+        ("full@torch", "torch"),
+        ("fd@torch", "torch"),
+    ]
+    torch.set_num_threads(THREADS)
+    settings = BenchSettings(prompts=["a red circle"], steps=4, repeat=1, warmup=0)
+    report = run_bench(sd1_artifacts, configs, settings, progress=False)
+    rows = {r.name: r for r in report.rows}
+    assert "torch" in rows["full@torch"].detail and "fp32" in rows["full@torch"].detail
+    assert rows["full"].detail == "none"  # ORT rows read as before
+    assert rows["full@torch"].quality["psnr_db"] >= 40.0, rows["full@torch"].quality
+    assert rows["fd@torch"].components["unet_decoder"].median > 0
+    assert "full@torch" in markdown(report)
+    with pytest.raises(EffdiffError, match="unknown backend"):
+        with_backends(configs, ["tensorflow"])

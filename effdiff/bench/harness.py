@@ -43,6 +43,26 @@ class BenchConfig:
     name: str
     propagation: KeySchedule
     precision: Precision | None = None  # None: the folder's default (fp32, or fp16 for an fp16 export)
+    backend: str = "ort"  # ort, torch, trt, coreml: rows of other backends are named CONFIG@BACKEND
+
+
+def with_backends(configs: list[BenchConfig], backends: list[str]) -> list[BenchConfig]:
+    """Every configuration on every backend; the first backend's rows keep their names (its `full` is
+    the quality reference), the others' are CONFIG@BACKEND."""
+    from dataclasses import replace
+
+    from effdiff.runtime.backends import backend_names
+
+    unknown = [b for b in backends if b not in backend_names()]
+    if unknown or not backends:
+        raise EffdiffError(
+            f"unknown backend(s) {', '.join(unknown) or '(none)'}; available: {', '.join(backend_names())}"
+        )
+    return [
+        replace(c, name=c.name if i == 0 else f"{c.name}@{b}", backend=b)
+        for i, b in enumerate(backends)
+        for c in configs
+    ]
 
 
 def fd_schedule(sampler: str, steps: int) -> KeySchedule:
@@ -163,7 +183,8 @@ def bench_effdiff(
     gpu = GpuMemory()
     base_rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    pipe = Pipeline.load(artifacts, providers=providers, precision=config.precision)
+    providers = providers if config.backend == "ort" else None
+    pipe = Pipeline.load(artifacts, config.backend, providers=providers, precision=config.precision)
     unet_graphs = ("unet_encoder", "unet_decoder") if config.propagation.propagates else ("unet",)
     graphs = ("text_encoder", *unet_graphs, "vae_decoder")
     for g in graphs:
@@ -198,10 +219,13 @@ def bench_effdiff(
     }
     comps["overhead"] = Stats.of([r.timings["overhead"] for r in results])
     unet = statistics.median(sum(r.timings[c] for c in UNET_GRAPHS) for r in results)
+    detail = str(config.propagation)
+    if config.backend != "ort":
+        detail += f", {pipe.backend.describe()} {pipe.precision.value}"
     row = Row(
         config.name,
         "effdiff",
-        str(config.propagation),
+        detail,
         load,
         Stats.of([r.timings["total"] for r in results]),
         comps,
@@ -314,6 +338,11 @@ def run_bench(
     for p in peers:
         if p not in PEERS:
             raise EffdiffError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")
+    from effdiff.runtime.backends import get_backend
+
+    for backend in dict.fromkeys(c.backend for c in configs):  # a backend this machine lacks: one line now
+        if backend != "ort":
+            get_backend(backend)
     probe = Pipeline.load(artifacts, providers=providers, lean=True)
     h, w = probe.default_size()
     h, w = settings.height or h, settings.width or w

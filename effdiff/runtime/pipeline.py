@@ -150,6 +150,7 @@ class Pipeline:
         self.tokenizer = PromptTokenizer(self.artifacts / tok.file, tok.max_length, tok.pad_id, tok.eos_id)
         self.scheduler_config = read_json(self.artifacts / SCHEDULER_CONFIG, "re-run the export")
         self.format = backend.formats[0]
+        self.tag = getattr(backend, "variant_tag", "")  # e.g. "pal6": CoreML's palettized packages
         if builds_from_source(backend):  # implied variants: the graphs come from the source model
             path = manifest.source.path
             found = {
@@ -157,7 +158,7 @@ class Pipeline:
                 for g in GRAPHS
             }
         else:
-            found = {g: manifest.find(g, precision, self.format) for g in GRAPHS}
+            found = {g: manifest.find(g, precision, self.format, self.tag) for g in GRAPHS}
         self.variants = {g: v for g, v in found.items() if v is not None}
         self.specs = {g: manifest.spec(g, v) for g, v in self.variants.items()}
         self.graphs = GraphSet({g: self._loader(g) for g in GRAPHS}, resident)
@@ -198,14 +199,14 @@ class Pipeline:
             raise EffdiffError(str(exc)) from None
         for graph in ("text_encoder", "vae_decoder"):
             if not source:  # a missing variant is named now; UNet graphs by `plan`
-                manifest.choose(graph, chosen, fmt)
+                manifest.choose(graph, chosen, fmt, getattr(backend, "variant_tag", ""))
         return cls(artifacts, manifest, backend, chosen, resident=() if lean else None, verify=verify)
 
     def require(self, graphs: tuple[str, ...]) -> None:
         """EffdiffError naming the first graph without a variant at this pipeline's precision."""
         for graph in graphs:
             if graph not in self.variants:
-                self.manifest.choose(graph, self.precision, self.format)
+                self.manifest.choose(graph, self.precision, self.format, self.tag)
 
     def _loader(self, graph: str) -> Callable[[], Graph]:
         def load() -> Graph:

@@ -75,6 +75,12 @@ def get_backend(name: str, **options: Any) -> Backend:
     return _REGISTRY[name](**options)
 
 
+def first_line(exc: BaseException) -> str:
+    """A third-party exception as one line (backends wrap their libraries' errors in EffdiffError)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def builds_from_source(backend: Backend) -> bool:
     """Whether the backend builds graphs from the source model (PyTorch) rather than opening files."""
     return callable(getattr(backend, "open_source", None))

@@ -23,6 +23,7 @@ import numpy as np
 
 from effdiff._deps import require
 from effdiff.errors import EffdiffError
+from effdiff.runtime.backends import first_line
 from effdiff.specs import GraphSpec, Precision
 
 
@@ -38,11 +39,6 @@ def _describe(value: Any) -> tuple[np.dtype, tuple[int, ...]]:
         return np.dtype(str(value.dtype).removeprefix("torch.")), tuple(value.shape)
     arr = np.asarray(value)
     return arr.dtype, arr.shape
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _CudaGraphRunner:
@@ -121,7 +117,7 @@ class TorchGraph:
         except EffdiffError:
             raise
         except Exception as exc:  # out of memory, a kernel's own check
-            raise EffdiffError(f"{self.spec.name} failed in PyTorch: {_first_line(exc)}") from exc
+            raise EffdiffError(f"{self.spec.name} failed in PyTorch: {first_line(exc)}") from exc
         if host_outputs:
             return {n: v.cpu().numpy() for n, v in result.items()}
         return result

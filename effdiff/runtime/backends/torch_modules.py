@@ -37,10 +37,12 @@ def load_pretrained(folder: Path, component: str, dtype: Any = None) -> Any:
     `dtype` (a torch dtype) converts its weights; None keeps them as saved (fp32 for our exports)."""
     diffusers = require("diffusers")
     transformers = require("transformers")
+    # diffusers converts at load (`torch_dtype`), as it recommends, rather than by a later `.to(dtype)`
+    kw = {} if dtype is None else {"torch_dtype": dtype}
     loaders = {
-        "unet": lambda p: diffusers.UNet2DConditionModel.from_pretrained(p),
-        "vae": lambda p: diffusers.AutoencoderKL.from_pretrained(p),
-        "text_encoder": lambda p: transformers.CLIPTextModel.from_pretrained(p),
+        "unet": lambda p: diffusers.UNet2DConditionModel.from_pretrained(p, **kw),
+        "vae": lambda p: diffusers.AutoencoderKL.from_pretrained(p, **kw),
+        "text_encoder": lambda p: transformers.CLIPTextModel.from_pretrained(p, **kw),
         "tokenizer": lambda p: transformers.CLIPTokenizer.from_pretrained(p),
     }
     try:
@@ -50,8 +52,6 @@ def load_pretrained(folder: Path, component: str, dtype: Any = None) -> Any:
         raise EffdiffError(f"cannot load {component} from {folder}: {first}") from exc
     if hasattr(obj, "eval"):
         obj.eval().requires_grad_(False)
-        if dtype is not None:
-            obj.to(dtype)
     return obj
 
 

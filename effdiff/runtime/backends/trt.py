@@ -24,6 +24,7 @@ import numpy as np
 from effdiff._deps import MissingDependency, require
 from effdiff.errors import EffdiffError
 from effdiff.profiling import is_jetson
+from effdiff.runtime.backends import first_line
 from effdiff.specs import GraphSpec
 
 TRT_NEEDED = (
@@ -136,11 +137,6 @@ def _describe(value: Any) -> tuple[np.dtype, tuple[int, ...]]:
     return arr.dtype, arr.shape
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class TrtGraph:
     """One engine in a Polygraphy TrtRunner; feeds are checked against the spec and the engine's
     optimization profile before TensorRT sees them."""
@@ -154,7 +150,7 @@ class TrtGraph:
             self.runner = trt_backend.TrtRunner(engine)
             self.runner.activate()
         except Exception as exc:
-            raise EffdiffError(f"cannot load engine {self.path}: {_first_line(exc)}") from exc
+            raise EffdiffError(f"cannot load engine {self.path}: {first_line(exc)}") from exc
         self.bounds = {
             n: tuple(tuple(s) for s in engine.get_tensor_profile_shape(n, 0)[::2]) for n in spec.input_names
         }
@@ -175,7 +171,7 @@ class TrtGraph:
             feed = {n: feeds[n] for n in self.spec.input_names}
             out = self.runner.infer(feed, copy_outputs_to_host=host_outputs)
         except Exception as exc:
-            raise EffdiffError(f"{self.spec.name} failed in TensorRT: {_first_line(exc)}") from exc
+            raise EffdiffError(f"{self.spec.name} failed in TensorRT: {first_line(exc)}") from exc
         return {n: out[n] for n in self.spec.output_names}
 
     def close(self) -> None:
