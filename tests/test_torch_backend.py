@@ -177,6 +177,7 @@ def test_bench_compares_backends_in_one_report(sd1_artifacts: Path, tmp_path: Pa
     assert rows["full"].detail == "none"  # ORT rows read as before
     assert rows["full@torch"].quality["psnr_db"] >= 40.0, rows["full@torch"].quality
     assert rows["fd@torch"].components["unet_decoder"].median > 0
+    assert rows["full@torch"].disk_mib is None and rows["full"].disk_mib > 0  # no exported file
     assert "full@torch" in markdown(report)
     with pytest.raises(EffdiffError, match="unknown backend"):
         with_backends(configs, ["tensorflow"])

@@ -168,7 +168,10 @@ def _latents(pipe: Pipeline, settings: BenchSettings, height: int, width: int) -
     return np.random.default_rng(settings.seed).standard_normal(shape).astype(np.float32)
 
 
-def _disk_mib(pipe: Pipeline, graphs: tuple[str, ...]) -> float:
+def _disk_mib(pipe: Pipeline, graphs: tuple[str, ...]) -> float | None:
+    """Size of the files the graphs run from; None for a backend that builds them from the model."""
+    if any(not pipe.variants[g].files for g in graphs if g in pipe.variants):
+        return None
     return sum(pipe.variants[g].size_bytes for g in graphs if g in pipe.variants) / 2**20
 
 

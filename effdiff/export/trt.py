@@ -243,7 +243,9 @@ def build_engines(
         check_files(artifacts, variant.files)
     target = current_target()  # one line when TensorRT or its driver is missing
     if target.gpu == "unknown":
-        raise EffdiffError(f"no NVIDIA GPU found: {target.tensorrt} builds engines for the GPU it runs on")
+        raise EffdiffError(
+            f"no NVIDIA GPU found (NVML): TensorRT {target.tensorrt} builds engines for the GPU it runs on"
+        )
     for variant in sources.values():
         check_parser_support(target.tensorrt, artifacts / variant.file)
     results = []
