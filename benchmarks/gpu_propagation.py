@@ -47,12 +47,23 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_runs(fn: Any, device: str, warmup: int, repeat: int) -> tuple[list[float], list[Any], float | None]:
-    """Wall seconds per timed run (GPU synchronised before and after), their results, GPU peak MiB."""
+def timed_runs(
+    fn: Any, device: str, warmup: int, repeat: int
+) -> tuple[list[float], list[Any], float | None, float | None]:
+    """Wall seconds per timed run (GPU synchronised before and after), their results, and GPU memory:
+    NVML peak minus the level before the runs, and PyTorch's own peak allocation above what was
+    allocated before (the one figure when nvidia-ml-py is missing; it misses cuDNN/cuBLAS workspaces)."""
+    import torch
+
     for _ in range(warmup):
         fn()
     gpu = GpuMemory()
     seconds, results = [], []
+    cuda = device.startswith("cuda")
+    if cuda:
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        allocated = torch.cuda.memory_allocated()
 
     def all_runs() -> None:
         for _ in range(repeat):
@@ -63,7 +74,8 @@ def timed_runs(fn: Any, device: str, warmup: int, repeat: int) -> tuple[list[flo
             seconds.append(time.perf_counter() - start)
 
     gpu.measure(all_runs)
-    return seconds, results, gpu.peak_mib
+    torch_peak = (torch.cuda.max_memory_allocated() - allocated) / 2**20 if cuda else None
+    return seconds, results, gpu.peak_mib, torch_peak
 
 
 def effdiff_rows(
@@ -98,7 +110,7 @@ def effdiff_rows(
                 max_decoder_batch=batch,
             )
 
-        seconds, results, peak = timed_runs(once, args.device, args.warmup, args.repeat)
+        seconds, results, peak, torch_peak = timed_runs(once, args.device, args.warmup, args.repeat)
         image = np.asarray(results[-1].images[0])
         reference = image if reference is None else reference
         comps = {c: statistics.median(r.timings[c] for r in results) for c in COMPONENTS}
@@ -111,6 +123,7 @@ def effdiff_rows(
                 "unet_s": unet,
                 "components": comps,
                 "gpu_peak_mib": peak,
+                "torch_peak_mib": torch_peak,
                 "psnr_db": min(psnr(image, reference), 99.0),
                 "load_s": load_s,
                 "loaded_mib": loaded_mib,
@@ -160,7 +173,7 @@ def peer_rows(
                     output_type="np",
                 ).images[0]
 
-        seconds, results, peak = timed_runs(once, args.device, args.warmup, args.repeat)
+        seconds, results, peak, torch_peak = timed_runs(once, args.device, args.warmup, args.repeat)
         image = (np.asarray(results[-1], np.float64) * 255).round()
         rows.append(
             {
@@ -168,6 +181,7 @@ def peer_rows(
                 "median_s": statistics.median(seconds),
                 "min_s": min(seconds),
                 "gpu_peak_mib": peak,
+                "torch_peak_mib": torch_peak,
                 "psnr_db": min(psnr(image, reference), 99.0),
             }
         )
@@ -195,14 +209,14 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], device: dict[
         + f"; {args.repeat} timed runs after {args.warmup} warm-up",
         "",
         "| config | end-to-end s (median / min) | vs whole UNet | vs diffusers | UNet s "
-        "| GPU MiB (peak - base) | PSNR dB vs whole UNet |",
-        "|---|---|---|---|---|---|---|",
+        "| GPU MiB NVML (peak - base) | GPU MiB torch (peak - base) | PSNR dB vs whole UNet |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['median_s']:.3f} / {r['min_s']:.3f} | {base / r['median_s']:.2f}x | "
             f"{fmt(diff / r['median_s'] if diff else None, '.2f')}x | {fmt(r.get('unet_s'), '.3f')} | "
-            f"{fmt(r['gpu_peak_mib'], '.0f')} | {r['psnr_db']:.1f} |"
+            f"{fmt(r['gpu_peak_mib'], '.0f')} | {fmt(r['torch_peak_mib'], '.0f')} | {r['psnr_db']:.1f} |"
         )
     ours = [r for r in rows if "components" in r]
     lines += ["", "| config | " + " | ".join(COMPONENTS) + " |", "|---|" + "---|" * len(COMPONENTS)]

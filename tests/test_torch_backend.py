@@ -181,3 +181,20 @@ def test_bench_compares_backends_in_one_report(sd1_artifacts: Path, tmp_path: Pa
     assert "full@torch" in markdown(report)
     with pytest.raises(EffdiffError, match="unknown backend"):
         with_backends(configs, ["tensorflow"])
+
+
+def test_graph_free_artifacts_run_on_torch_only(sd1_folder: Path, tmp_path: Path) -> None:
+    """`write_source_manifest` writes what the torch backend needs (no graph); ORT then names what is
+    missing, and a folder of another model loses its manifest before anything is written."""
+    from effdiff.export.onnx import write_source_manifest
+
+    folder = tmp_path / "src-only"
+    manifest = write_source_manifest(str(sd1_folder), folder)
+    assert manifest.graphs == {} and (folder / "manifest.json").is_file()
+    pipe = Pipeline.load(folder, backend=get_backend("torch", threads=THREADS))
+    result = pipe("a red circle", steps=2, latents=latents(), propagation="uniform:2")
+    assert result.images[0].size == (64, 64) and result.calls["unet_encoder"] == 1
+    with pytest.raises(EffdiffError, match="text_encoder has no fp32 variant"):
+        Pipeline.load(folder)
+    again = write_source_manifest(str(sd1_folder), folder)  # same model: idempotent
+    assert again.source.content_hash == manifest.source.content_hash
