@@ -16,6 +16,8 @@ _EXTRAS = {
     "safetensors": "export",
     "coremltools": "coreml",
     "tensorrt": "trt",
+    "polygraphy": "trt",
+    "sklearn": "coreml",
     "pynvml": "gpu",
     "deepcache": "dev",
     "matplotlib": "bench",

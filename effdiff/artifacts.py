@@ -43,6 +43,14 @@ def variant_file(graph: str, variant: str, suffix: str = ".onnx") -> str:
     return f"{graph}{suffix}" if variant == Precision.FP32.value else f"{graph}.{variant}{suffix}"
 
 
+def variant_name(precision: Precision | str, fmt: str = "onnx", tag: str = "") -> str:
+    """A variant's key in its graph's `variants`: the precision for ONNX graphs ("fp16"), and
+    FORMAT-PRECISION[-TAG] for engines and packages ("trt-fp16", "coreml-fp16", "coreml-fp16-pal6")."""
+    value = Precision.parse(precision).value
+    name = value if fmt == "onnx" else f"{fmt}-{value}"
+    return f"{name}-{tag}" if tag else name
+
+
 # ---------------------------------------------------------------- atomic writes and hashes
 
 
@@ -272,29 +280,45 @@ class Manifest:
             "int8": "run `effdiff-export int8 --artifacts DIR`",
             "fp16": "run `effdiff-export onnx --precision fp16` into this folder",
         }.get(name, "re-run the export")
+        fmt, _, rest = name.partition("-")
+        precision, _, tag = rest.partition("-")
+        if fmt in ("trt", "coreml") and precision:
+            how = f"run `effdiff-export {fmt} --artifacts DIR --precision {precision}`"
+            if tag.startswith("pal"):
+                how = how[:-1] + f" --palettize {tag[3:]}`"
         raise EffdiffError(f"{graph} has no {name} variant in this folder (it has: {have}); {how}")
 
-    def find(self, graph: str, precision: Precision | str) -> Variant | None:
-        """The variant a pipeline at `precision` runs for `graph`: the same precision when the folder
-        has it; else, for graphs that have no INT8 form (text encoder, VAE), the best float variant."""
+    def find(
+        self, graph: str, precision: Precision | str, fmt: str = "onnx", tag: str = ""
+    ) -> Variant | None:
+        """The variant of format `fmt` a pipeline at `precision` runs for `graph`: the same precision
+        when the folder has it; else, for graphs that have no INT8 form (text encoder, VAE), the best
+        float variant."""
         want = Precision.parse(precision)
         found = self.variants(graph)
-        if want.value in found:
-            return found[want.value]
+        if variant_name(want, fmt, tag) in found:
+            return found[variant_name(want, fmt, tag)]
         if want is Precision.INT8 and graph not in ("unet_encoder", "unet_decoder", "unet"):
             for fallback in (Precision.FP32, Precision.FP16):
-                if fallback.value in found:
-                    return found[fallback.value]
+                if variant_name(fallback, fmt, tag) in found:
+                    return found[variant_name(fallback, fmt, tag)]
         return None
 
-    def choose(self, graph: str, precision: Precision | str) -> Variant:
+    def choose(self, graph: str, precision: Precision | str, fmt: str = "onnx", tag: str = "") -> Variant:
         """`find`, or EffdiffError naming the variants the folder has and how to make the missing one."""
-        return self.find(graph, precision) or self.variant(graph, Precision.parse(precision).value)
+        return self.find(graph, precision, fmt, tag) or self.variant(graph, variant_name(precision, fmt, tag))
 
-    def default_precision(self) -> Precision:
-        """fp32 when every graph has it, else fp16 (an fp16-only export)."""
-        fp32 = all(Precision.FP32.value in self.variants(g) for g in GRAPHS if g in self.graphs)
-        return Precision.FP32 if fp32 else Precision.FP16
+    def default_precision(self, fmt: str = "onnx") -> Precision:
+        """ONNX: fp32 when every graph has it, else fp16 (an fp16-only export). Engines and packages:
+        the first of fp32, fp16, int8 that every graph with a variant of that format has."""
+        if fmt == "onnx":
+            fp32 = all(Precision.FP32.value in self.variants(g) for g in GRAPHS if g in self.graphs)
+            return Precision.FP32 if fp32 else Precision.FP16
+        graphs = [g for g in GRAPHS if any(v.format == fmt for v in self.variants(g).values())]
+        for precision in Precision:
+            if graphs and all(self.find(g, precision, fmt) for g in graphs):
+                return precision
+        return Precision.FP16  # nothing of that format: `choose` then names what to build
 
     # ------------------------------------------------------------ JSON
 

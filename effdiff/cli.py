@@ -293,6 +293,9 @@ def verify_cmd(artifacts: Path, quick: bool) -> None:
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--peers", default="", help="diffusers,deepcache (same model, steps, sampler and latents)")
 @click.option("--providers", help="comma-separated onnxruntime execution providers")
+@click.option(
+    "--backend", default="ort", show_default=True, help="ort, torch, trt (comma-separated: compared)"
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="report folder")
 @click.option("--quiet", is_flag=True)
 @user_errors
@@ -310,12 +313,13 @@ def bench_cmd(
     warmup: int,
     peers: str,
     providers: str | None,
+    backend: str,
     out: Path,
     quiet: bool,
 ) -> None:
     """Latency, memory and quality of each configuration and peer, side by side, with plots."""
     from effdiff.artifacts import check_writable_folder
-    from effdiff.bench.harness import BenchSettings, parse_configs, run_bench
+    from effdiff.bench.harness import BenchSettings, parse_configs, run_bench, with_backends
     from effdiff.bench.report import markdown, write_report
     from effdiff.runtime.pipeline import check_guidance
 
@@ -343,7 +347,10 @@ def bench_cmd(
     )
     report = run_bench(
         artifacts,
-        parse_configs([c for c in configs.split(",") if c], sampler, steps),
+        with_backends(
+            parse_configs([c for c in configs.split(",") if c], sampler, steps),
+            [b for b in backend.split(",") if b],
+        ),
         settings,
         peers=tuple(p for p in peers.split(",") if p),
         providers=providers.split(",") if providers else None,
@@ -377,3 +384,54 @@ def demo_cmd(out: Path, steps: int, no_peers: bool) -> None:
     )
     click.echo(markdown(report))
     click.echo(f"report: {out / 'report' / 'report.md'}")
+
+
+@export_main.command("trt")
+@click.option(
+    "--artifacts", required=True, type=click.Path(path_type=Path), help="folder from effdiff-export"
+)
+@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp16", "int8"]))
+@click.option(
+    "--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache to read and update"
+)
+@click.option(
+    "--max-batch",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="largest batch (2 per guided image)",
+)
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@user_errors
+def export_trt_cmd(
+    artifacts: Path, precision: str, timing_cache: Path | None, max_batch: int, quiet: bool
+) -> None:
+    """Build one TensorRT engine per graph (Polygraphy), recorded in the manifest; needs an NVIDIA GPU."""
+    from effdiff.export.trt import EngineRecipe, build_engines
+    from effdiff.specs import Precision
+
+    recipe = EngineRecipe(Precision(precision), max_batch=max_batch, timing_cache=timing_cache)
+    report = build_engines(artifacts, recipe, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    click.echo(report.table())
+    click.echo(f"engines for TensorRT {report.target.tensorrt} on {report.target.gpu}; manifest updated")
+
+
+@export_main.command("coreml")
+@click.option(
+    "--artifacts", required=True, type=click.Path(path_type=Path), help="folder from effdiff-export"
+)
+@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp16"]))
+@click.option("--palettize", type=click.Choice(["8", "6", "4"]), help="also write weight-palettized packages")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@user_errors
+def export_coreml_cmd(artifacts: Path, precision: str, palettize: str | None, quiet: bool) -> None:
+    """Convert text encoder, UNet encoder/decoder and VAE decoder to CoreML .mlpackage (runs on Linux)."""
+    from effdiff.export.coreml import CoreMLRecipe, export_coreml
+    from effdiff.specs import Precision
+
+    recipe = CoreMLRecipe(Precision(precision), palettize=int(palettize) if palettize else None)
+    report = export_coreml(artifacts, recipe, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    click.echo(report.table())
+    click.echo(
+        "packages recorded in the manifest; prediction needs macOS (`Pipeline.load(..., backend='coreml')`)"
+    )

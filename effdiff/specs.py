@@ -285,6 +285,7 @@ def build_specs(
     rows_noise = TensorSpec("noise_pred", f, (ROWS, *noise.axes[1:]))
     mid = _latent("mid", geom.mid_channels, geom.mid_level, f)
     deep = _latent("deep", geom.deep_channels, geom.deep_level, f)
+    branch = {"cache_branch": geom.cache_branch}  # which DeepCache branch the deep feature comes from
     skips = tuple(_latent(n, c, lv, f) for n, (c, lv) in zip(skip_names(geom), geom.skips, strict=True))
     image_axes = (
         BATCH,
@@ -303,8 +304,8 @@ def build_specs(
         "unet_encoder": GraphSpec("unet_encoder", (sample, timestep, ehs), (mid, *skips), f),
         "unet_decoder": GraphSpec("unet_decoder", (rows_timestep, ehs, mid, *skips), (rows_noise,), f),
         "unet": GraphSpec("unet", (sample, timestep, ehs), (noise,), f),
-        "unet_deep": GraphSpec("unet_deep", (sample, timestep, ehs), (noise, deep), f),
-        "unet_shallow": GraphSpec("unet_shallow", (sample, timestep, ehs, deep), (noise,), f),
+        "unet_deep": GraphSpec("unet_deep", (sample, timestep, ehs), (noise, deep), f, branch),
+        "unet_shallow": GraphSpec("unet_shallow", (sample, timestep, ehs, deep), (noise,), f, branch),
         "vae_decoder": GraphSpec(
             "vae_decoder",
             (_latent("latent", geom.latent_channels, 0, f),),

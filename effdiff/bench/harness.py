@@ -41,6 +41,26 @@ class BenchConfig:
     name: str
     propagation: KeySchedule
     precision: Precision | None = None  # None: the folder's default (fp32, or fp16 for an fp16 export)
+    backend: str = "ort"  # ort, torch, trt, coreml: rows of other backends are named CONFIG@BACKEND
+
+
+def with_backends(configs: list[BenchConfig], backends: list[str]) -> list[BenchConfig]:
+    """Every configuration on every backend; the first backend's rows keep their names (its `full` is
+    the quality reference), the others' are CONFIG@BACKEND."""
+    from dataclasses import replace
+
+    from effdiff.runtime.backends import backend_names
+
+    unknown = [b for b in backends if b not in backend_names()]
+    if unknown or not backends:
+        raise EffdiffError(
+            f"unknown backend(s) {', '.join(unknown) or '(none)'}; available: {', '.join(backend_names())}"
+        )
+    return [
+        replace(c, name=c.name if i == 0 else f"{c.name}@{b}", backend=b)
+        for i, b in enumerate(backends)
+        for c in configs
+    ]
 
 
 def fd_schedule(sampler: str, steps: int) -> KeySchedule:
@@ -163,7 +183,10 @@ def _latents(pipe: Pipeline, settings: BenchSettings, height: int, width: int) -
     return np.random.default_rng(settings.seed).standard_normal(shape).astype(np.float32)
 
 
-def _disk_mib(pipe: Pipeline, graphs: tuple[str, ...]) -> float:
+def _disk_mib(pipe: Pipeline, graphs: tuple[str, ...]) -> float | None:
+    """Size of the files the graphs run from; None for a backend that builds them from the model."""
+    if any(not pipe.variants[g].files for g in graphs if g in pipe.variants):
+        return None
     return sum(pipe.variants[g].size_bytes for g in graphs if g in pipe.variants) / 2**20
 
 
@@ -215,6 +238,8 @@ class EffdiffRunner(Runner):
             latents,
         )
         self.detail = str(config.propagation) + (f", {config.precision.value}" if config.precision else "")
+        if config.backend != "ort":
+            self.detail += f", {pipe.backend.describe()} {pipe.precision.value}"
         self.graphs = ("text_encoder", *config.propagation.graphs, "vae_decoder")
         for g in self.graphs:  # opening counts as load, not as the first run
             if (id(pipe), g) not in graph_costs:
@@ -223,7 +248,7 @@ class EffdiffRunner(Runner):
                 graph_costs[(id(pipe), g)] = (time.perf_counter() - start, _rss() - before)
         self.load_s = sum(graph_costs[(id(pipe), g)][0] for g in self.graphs)
         self.rss_added_gib = sum(graph_costs[(id(pipe), g)][1] for g in self.graphs) / 2**30
-        self.disk_mib = sum(pipe.variants[g].size_bytes for g in self.graphs if g in pipe.variants) / 2**20
+        self.disk_mib = _disk_mib(pipe, self.graphs)
         self.gpu = GpuMemory()
 
     def run(self) -> Run:
@@ -361,17 +386,21 @@ def run_bench(
 
     artifacts = Path(artifacts)
     manifest = Manifest.read(artifacts)
-    for cfg in configs:  # a missing variant is named before any configuration runs
-        for graph in ("text_encoder", *cfg.propagation.graphs, "vae_decoder"):
-            manifest.choose(graph, cfg.precision or manifest.default_precision())
     for p in peers:
         if p not in PEERS:
             raise EffdiffError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")
-    pipes: dict[Precision, Pipeline] = {}
+    # One pipeline per (backend, precision), loaded before anything runs: a missing variant or a
+    # backend this machine lacks is named in one line now, not after the first configurations ran.
+    pipes: dict[tuple[str, Precision | None], Pipeline] = {}
     for cfg in configs:
-        precision = cfg.precision or manifest.default_precision()
-        if precision not in pipes:
-            pipes[precision] = Pipeline.load(artifacts, providers=providers, precision=precision)
+        key = (cfg.backend, cfg.precision)
+        if key not in pipes:
+            ort_providers = providers if cfg.backend == "ort" else None
+            pipes[key] = Pipeline.load(
+                artifacts, cfg.backend, providers=ort_providers, precision=cfg.precision
+            )
+        for graph in cfg.propagation.graphs:
+            pipes[key].require((graph,))
     first = next(iter(pipes.values()))
     h, w = first.default_size()
     h, w = settings.height or h, settings.width or w
@@ -380,8 +409,7 @@ def run_bench(
     bar = tqdm(total=runs_total, desc="bench", unit="run", disable=not progress)
     graph_costs: dict[Any, tuple[float, int]] = {}
     runners: list[Runner] = [
-        EffdiffRunner(c, pipes[c.precision or manifest.default_precision()], graph_costs, settings, latents)
-        for c in configs
+        EffdiffRunner(c, pipes[(c.backend, c.precision)], graph_costs, settings, latents) for c in configs
     ]
     shared_peer: dict[str, Any] = {}
     for peer in peers:

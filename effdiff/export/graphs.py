@@ -34,7 +34,7 @@ class Case:
 class GraphExport:
     name: str
     component: str  # the diffusers component it is cut from: "text_encoder", "unet" or "vae"
-    wrapper: str  # class name in effdiff.export.split
+    wrapper: str  # class name in effdiff.runtime.backends.torch_modules (the torch backend runs it too)
     spatial: bool = True  # has latent axes: validated at two sizes (else at two batch sizes only)
     features_from: str | None = None  # its feature inputs are this graph's outputs (the decoder)
     variadic_from: int | None = None  # inputs from this index on are one *args tuple in forward()
@@ -42,7 +42,7 @@ class GraphExport:
     cache_branch: bool = False  # its module takes DeepCache's branch (from the geometry)
 
     def module(self, component: Any, geom: Geometry) -> Any:
-        split = require("effdiff.export.split")
+        split = require("effdiff.runtime.backends.torch_modules")
         cls = getattr(split, self.wrapper)
         return (cls(component, geom.cache_branch) if self.cache_branch else cls(component)).eval()
 

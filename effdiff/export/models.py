@@ -297,20 +297,7 @@ def resolve_model(model: str) -> ModelSource:
 
 
 def load_component(source: ModelSource, component: str) -> Any:
-    """Load one component in fp32 eval mode, offline."""
-    diffusers = require("diffusers")
-    transformers = require("transformers")
-    loaders = {
-        "unet": lambda p: diffusers.UNet2DConditionModel.from_pretrained(p),
-        "vae": lambda p: diffusers.AutoencoderKL.from_pretrained(p),
-        "text_encoder": lambda p: transformers.CLIPTextModel.from_pretrained(p),
-        "tokenizer": lambda p: transformers.CLIPTokenizer.from_pretrained(p),
-    }
-    try:
-        obj = loaders[component](source.path / component)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EffdiffError(f"cannot load {component} from {source.path}: {first}") from exc
-    if hasattr(obj, "eval"):
-        obj.eval().requires_grad_(False)
-    return obj
+    """Load one component in fp32 eval mode, offline (the same loader the `torch` backend uses)."""
+    from effdiff.runtime.backends.torch_modules import load_pretrained
+
+    return load_pretrained(source.path, component)

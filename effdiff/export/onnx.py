@@ -244,6 +244,64 @@ def _old_manifest(out: Path) -> Manifest | None:
         return None
 
 
+def _base_manifest(
+    source: ModelSource,
+    source_hash: str,
+    geom: Geometry,
+    size: tuple[int, int],
+    out: Path,
+    recipe: ExportRecipe,
+    old: Manifest | None,
+) -> Manifest:
+    """Tokenizer and scheduler config written into `out`, and the manifest that describes them, with
+    the graph variants of `old` (the same model's earlier export) carried over."""
+    tokenizer = _export_tokenizer(source, out, geom)
+    try:
+        unchanged = read_json(out / SCHEDULER_CONFIG) == source.scheduler_config
+    except EffdiffError:
+        unchanged = False
+    if not unchanged:
+        write_json(out / SCHEDULER_CONFIG, source.scheduler_config)
+    return Manifest(
+        source=SourceInfo(source.name, str(source.path), source_hash),
+        family=source.family,
+        prediction_type=source.prediction_type,
+        geometry=geom,
+        export_size=size,
+        tokenizer=tokenizer,
+        recipe=recipe.to_json(),
+        support_files=_support_records(out),
+        graphs={g: dict(vs) for g, vs in old.graphs.items()} if old else {},
+        chain_validation=dict(old.chain_validation) if old else {},
+    )
+
+
+def write_source_manifest(model: str, out: Path) -> Manifest:
+    """An artifacts folder without graphs: tokenizer, scheduler config and a manifest naming the source
+    model, which is all the `torch` backend needs (it builds its graphs from the model). An existing
+    export of the same model keeps its graphs; one of another model loses its manifest first."""
+    source = resolve_model(model)
+    quiet_libraries()
+    out = Path(out)
+    check_writable_folder(out)
+    from effdiff.export.split import geometry_from_configs
+
+    geom = geometry_from_configs(source.unet_config, source.vae_config, source.text_config)
+    sample = source.unet_config.get("sample_size", 64) * geom.vae_factor
+    size = geom.latent_size(sample, sample)
+    with folder_lock(out, "an export"):
+        remove_stale_temporaries(out)
+        source_hash = source.content_hash()
+        old = _old_manifest(out)
+        foreign = old.source.content_hash != source_hash if old is not None else (out / MANIFEST).exists()
+        if foreign:  # as the export does: never a mix of two models the runtime would accept
+            (out / MANIFEST).unlink()
+            old = None
+        manifest = _base_manifest(source, source_hash, geom, size, out, ExportRecipe(), old)
+        manifest.write(out)
+    return manifest
+
+
 def export_onnx(
     model: str,
     out: Path,
@@ -296,25 +354,8 @@ def _export_locked(
         log(f"{out} held an export of another model (or of another effdiff); it will be replaced")
         (out / MANIFEST).unlink()
         old = None
-    tokenizer = _export_tokenizer(source, out, geom)
-    try:
-        unchanged = read_json(out / SCHEDULER_CONFIG) == source.scheduler_config
-    except EffdiffError:
-        unchanged = False
-    if not unchanged:
-        write_json(out / SCHEDULER_CONFIG, source.scheduler_config)
-    manifest = Manifest(
-        source=SourceInfo(source.name, str(source.path), source_hash),
-        family=source.family,
-        prediction_type=source.prediction_type,
-        geometry=geom,
-        export_size=size,
-        tokenizer=tokenizer,
-        recipe=recipe.to_json(),
-        support_files=_support_records(out),
-        graphs={g: dict(vs) for g, vs in old.graphs.items()} if old else {},
-        chain_validation=dict(old.chain_validation) if old else {},
-    )
+    manifest = _base_manifest(source, source_hash, geom, size, out, recipe, old)
+    tokenizer = manifest.tokenizer
     variant_name = recipe.precision.value
     specs = build_specs(geom, recipe.precision.float_dtype, tokenizer.vocab_size)
     fp32_specs = build_specs(geom, "float32", tokenizer.vocab_size)

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from effdiff.artifacts import SCHEDULER_CONFIG, Manifest, check_files, read_json
+from effdiff.artifacts import SCHEDULER_CONFIG, Manifest, Variant, check_files, read_json
 from effdiff.errors import EffdiffError
-from effdiff.runtime.backends import Backend, Graph, get_backend
+from effdiff.runtime.backends import Backend, Graph, builds_from_source, get_backend
 from effdiff.runtime.graphs import FeedsCallback, GraphSet, RecordingGraph, Usage
 from effdiff.runtime.images import tiled_decode, to_pil
 from effdiff.runtime.propagation import AUTO, KeySchedule, NoiseInjection, resolve_injection
@@ -158,7 +158,16 @@ class Pipeline:
         tok = manifest.tokenizer
         self.tokenizer = PromptTokenizer(self.artifacts / tok.file, tok.max_length, tok.pad_id, tok.eos_id)
         self.scheduler_config = read_json(self.artifacts / SCHEDULER_CONFIG, "re-run the export")
-        found = {g: manifest.find(g, precision) for g in GRAPHS}
+        self.format = backend.formats[0]
+        self.tag = getattr(backend, "variant_tag", "")  # e.g. "pal6": CoreML's palettized packages
+        if builds_from_source(backend):  # implied variants: the graphs come from the source model
+            path = manifest.source.path
+            found = {
+                g: Variant(f"{self.format}-{precision.value}", precision, path, {}, self.format)
+                for g in GRAPHS
+            }
+        else:
+            found = {g: manifest.find(g, precision, self.format, self.tag) for g in GRAPHS}
         self.variants = {g: v for g, v in found.items() if v is not None}
         self.specs = {g: manifest.spec(g, v) for g, v in self.variants.items()}
         self.graphs = GraphSet({g: self._loader(g) for g in GRAPHS}, resident)
@@ -191,12 +200,18 @@ class Pipeline:
             raise EffdiffError(f"providers must be a list of execution provider names, got {providers!r}")
         if isinstance(backend, str):
             backend = get_backend(backend, **({"providers": list(providers)} if providers else {}))
+        source, fmt = builds_from_source(backend), backend.formats[0]
         try:
-            chosen = manifest.default_precision() if precision is None else Precision.parse(precision)
+            requested = Precision.parse(precision) if precision is not None else None
+            if source:  # the backend converts the source model's weights: it says which precisions
+                chosen = backend.source_precision(requested)  # type: ignore[attr-defined]
+            else:
+                chosen = requested or manifest.default_precision(fmt)
         except ValueError as exc:
             raise EffdiffError(str(exc)) from None
         for graph in ("text_encoder", "vae_decoder"):
-            manifest.choose(graph, chosen)  # a missing variant is named now; UNet graphs by `plan`
+            if not source:  # a missing variant is named now; UNet graphs by `plan`
+                manifest.choose(graph, chosen, fmt, getattr(backend, "variant_tag", ""))
         budget = None
         if memory_budget is not None:
             from effdiff.runtime.memory import parse_size
@@ -218,7 +233,7 @@ class Pipeline:
         """EffdiffError naming the first graph without a variant at this pipeline's precision."""
         for graph in graphs:
             if graph not in self.variants:
-                self.manifest.choose(graph, self.precision)
+                self.manifest.choose(graph, self.precision, self.format, self.tag)
 
     def _loader(self, graph: str) -> Callable[[], Graph]:
         def load() -> Graph:
@@ -228,6 +243,12 @@ class Pipeline:
                 raise EffdiffError(
                     f"{graph}: the {self.backend.name} backend cannot run {variant.format} variants"
                 )
+            if builds_from_source(self.backend):
+                source = Path(self.manifest.source.path)
+                return self.backend.open_source(source, graph, self.specs[graph])  # type: ignore[attr-defined]
+            check = getattr(self.backend, "check_variant", None)
+            if check is not None:  # e.g. an engine built for another TensorRT or GPU
+                check(variant)
             check_files(self.artifacts, variant.files, full=self.verify)
             return self.backend.open(self.artifacts / variant.file, self.specs[graph])
 

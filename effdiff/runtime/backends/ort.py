@@ -15,6 +15,7 @@ import numpy as np
 
 from effdiff._deps import require
 from effdiff.errors import EffdiffError
+from effdiff.runtime.backends import first_line
 from effdiff.specs import GraphSpec
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -62,11 +63,6 @@ def _describe(value: Any) -> tuple[np.dtype, tuple[int, ...]]:
     return arr.dtype, arr.shape
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class OrtGraph:
     """One exported graph in an onnxruntime session."""
 
@@ -96,7 +92,7 @@ class OrtGraph:
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, NoSuchFile ...)
-            raise EffdiffError(f"cannot load {self.path}: {_first_line(exc)}") from exc
+            raise EffdiffError(f"cannot load {self.path}: {first_line(exc)}") from exc
         names = [i.name for i in self.session.get_inputs()]
         outs = [o.name for o in self.session.get_outputs()]
         if names != spec.input_names or outs != spec.output_names:
@@ -123,7 +119,7 @@ class OrtGraph:
         except EffdiffError:
             raise
         except Exception as exc:  # a kernel failure (out of memory, an op's own check)
-            raise EffdiffError(f"{self.spec.name} failed in onnxruntime: {_first_line(exc)}") from exc
+            raise EffdiffError(f"{self.spec.name} failed in onnxruntime: {first_line(exc)}") from exc
 
     def _run_bound(self, feeds: Mapping[str, Any], host_outputs: bool) -> dict[str, Any]:
         ort = _ort()
