@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from effdiff.artifacts import LOCK_FILE, Manifest, atomic_path
+from effdiff.artifacts import LOCK_FILE, STAMP_FILE, Manifest, atomic_path
 from effdiff.export import onnx as exporter
 from effdiff.specs import Precision
 
@@ -56,7 +56,9 @@ def test_interrupted_export_resumes(
         exporter.export_onnx(str(sd1_folder), out, progress=False)
     assert (out / "unet.onnx").exists(), "graphs finished before the interruption are kept"
     assert not (out / "vae_decoder.onnx").exists(), "no partial graph file"
-    leftovers = [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
+    leftovers = [
+        p for p in out.iterdir() if p.name.startswith(".") and p.name not in (LOCK_FILE, STAMP_FILE)
+    ]
     assert not leftovers, f"temporary files left behind: {leftovers}"
     assert set(json.loads((out / "manifest.json").read_text())["graphs"]) == {
         "text_encoder",
