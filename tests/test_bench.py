@@ -87,7 +87,7 @@ def test_bench_cli_and_bad_configs(sd1_artifacts: Path, tmp_path: Path) -> None:
             "--out",
             str(tmp_path / "x"),
         ),
-        "INT8",
+        "no int8 variant",
     )
     with pytest.raises(EffdiffError, match="unknown configuration"):
         parse_configs(["fast"], "ddim", 50)

@@ -55,21 +55,26 @@ def fd_schedule(sampler: str, steps: int) -> KeySchedule:
 
 
 def parse_configs(names: list[str], sampler: str, steps: int) -> list[BenchConfig]:
-    """`full`, `fd`, or `fd:SCHEDULE` (e.g. fd:uniform:4); INT8 and retrieval are refused until they exist."""
+    """`full`, `fd`, `fd:SCHEDULE` (e.g. fd:uniform:4), and with INT8 UNet graphs `int8`, `fd+int8`,
+    `fd:SCHEDULE+int8`; retrieval is refused until it exists."""
     out = []
     for name in names:
         if name == "full":
             out.append(BenchConfig("full", KeySchedule.none()))
         elif name == "fd":
             out.append(BenchConfig("fd", fd_schedule(sampler, steps)))
-        elif name.startswith("fd:"):
+        elif name.startswith("fd:") and not name.endswith("+int8"):
             out.append(BenchConfig(name, KeySchedule.parse(name[3:])))
-        elif name in ("int8", "kb") or "+" in name:
-            raise EffdiffError(
-                f"configuration {name!r} needs INT8 / retrieval start, which this effdiff lacks yet"
-            )
+        elif name == "int8":
+            out.append(BenchConfig("int8", KeySchedule.none(), Precision.INT8))
+        elif name == "fd+int8":
+            out.append(BenchConfig("fd+int8", fd_schedule(sampler, steps), Precision.INT8))
+        elif name.startswith("fd:") and name.endswith("+int8"):
+            out.append(BenchConfig(name, KeySchedule.parse(name[3:-5]), Precision.INT8))
+        elif name == "kb" or "+" in name:
+            raise EffdiffError(f"configuration {name!r} needs retrieval start, which this effdiff lacks yet")
         else:
-            raise EffdiffError(f"unknown configuration {name!r}; use full, fd, fd:SCHEDULE")
+            raise EffdiffError(f"unknown configuration {name!r}; use full, fd, fd:SCHEDULE, int8, fd+int8")
     if "full" not in [c.name for c in out]:
         out.insert(0, BenchConfig("full", KeySchedule.none()))  # quality is measured against it
     return out
@@ -201,7 +206,7 @@ def bench_effdiff(
     row = Row(
         config.name,
         "effdiff",
-        str(config.propagation),
+        str(config.propagation) + (f", {config.precision.value}" if config.precision else ""),
         load,
         Stats.of([r.timings["total"] for r in results]),
         comps,
@@ -314,6 +319,10 @@ def run_bench(
     for p in peers:
         if p not in PEERS:
             raise EffdiffError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")
+    for cfg in configs:  # a missing INT8 variant fails now, not after the other configurations ran
+        if cfg.precision is not None:
+            for g in ("unet_encoder", "unet_decoder") if cfg.propagation.propagates else ("unet",):
+                manifest.choose(g, cfg.precision)
     probe = Pipeline.load(artifacts, providers=providers, lean=True)
     h, w = probe.default_size()
     h, w = settings.height or h, settings.width or w

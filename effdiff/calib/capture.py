@@ -66,6 +66,14 @@ def default_prompts(seed: int = 0) -> list[str]:
     return [prompts[i] for i in order]
 
 
+def default_guidance(artifacts: Path) -> float:
+    """The reference model's guidance scale for its own artifacts, Stable Diffusion's 7.5 otherwise."""
+    from effdiff.artifacts import Manifest
+    from effdiff.reference.scenes import REFERENCE_GUIDANCE
+
+    return REFERENCE_GUIDANCE if Manifest.read(artifacts).is_reference else 7.5
+
+
 @dataclass(frozen=True)
 class CaptureSettings:
     """What a capture records. `samples` bounds each (run, graph): calibration and held-out together."""
@@ -239,6 +247,8 @@ def _resume(folder: Path, settings: CaptureSettings, log: Any) -> CalibrationSet
             old = CalibrationSet.read(folder)
         except (EffdiffError, KeyError, TypeError):
             old = None
+        for partial in folder.glob(".shard-*.tmp"):  # a shard being written when a capture was killed
+            partial.unlink()
         if old is not None and old.settings.get("key") == key:
             for name, rec in list(old.shards.items()):
                 path = folder / name

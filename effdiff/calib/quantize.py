@@ -549,6 +549,8 @@ def quantize_artifacts(
         )
     calib_dir = Path(calib_dir).absolute() if calib_dir is not None else artifacts / "calibration"
     with folder_lock(artifacts, "an INT8 quantization"):
+        for stale in artifacts.glob(".tmp-int8-*"):  # left by a quantization that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         calib = capture(artifacts, calib_dir, settings, progress=progress, log=log)
         manifest = Manifest.read(artifacts)
         specs = manifest.specs(Precision.INT8)
