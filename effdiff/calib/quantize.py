@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -357,7 +358,8 @@ def _quantize_file(
     layers = plan_layers(original, ops, options.exclude)
     del original
     pre = work / "preprocessed.onnx"
-    with _inside(work):
+    # onnxruntime's calibrators print a line per sample; our progress bar and log say what happens
+    with _inside(work), contextlib.redirect_stdout(io.StringIO()):
         log("pre-processing (onnxruntime quant_pre_process)")
         quant_pre_process(
             str(src),

@@ -1,0 +1,164 @@
+"""INT8 UNet graphs: size on disk, session creation (time, peak RSS) and time per call, fp32 against
+static INT8 (TensorRT layout and ONNX Runtime CPU layout) and dynamic INT8, on this machine's CPU.
+
+  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/int8_speed.py --artifacts artifacts/sd15-arch \
+      --work artifacts/int8-sd15-arch                                       # SD1.5 architecture, 256x256
+  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/int8_speed.py --artifacts artifacts/reference \
+      --work artifacts/int8-reference-speed --steps 50 --propagation fd-ddim50 --samples 64
+
+Each INT8 kind is made in its own folder (hard links to the fp32 files, so nothing is copied), with the
+same calibration set. Each (kind, graph) is measured in a fresh process: session creation time and
+peak RSS, then `--warmup` untimed and `--repeat` timed calls at 2 rows (one image with CFG) at the
+export size, 2 threads. Kinds run one after another, so compare ratios from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from int8_reference import machine  # benchmarks/ is this script's folder, so it is on sys.path
+
+from effdiff.artifacts import MANIFEST, Manifest
+from effdiff.calib.capture import CaptureSettings, default_guidance, default_prompts
+from effdiff.calib.quantize import QuantizeOptions, quantize_artifacts
+
+KINDS = {
+    "static": QuantizeOptions(method="minmax"),
+    "static-cpu": QuantizeOptions(method="minmax", target="cpu"),
+    "dynamic": QuantizeOptions(mode="dynamic"),
+}
+
+MEASURE = textwrap.dedent(
+    """
+    import json, statistics, sys, time
+    import numpy as np
+    from effdiff.artifacts import Manifest
+    from effdiff.profiling import PeakRSS
+    from effdiff.runtime.backends.ort import OrtBackend
+    folder, graph, variant = sys.argv[1:4]
+    warmup, repeat = int(sys.argv[4]), int(sys.argv[5])
+    m = Manifest.read(folder)
+    v = m.variant(graph, variant)
+    spec = m.spec(graph, v)
+    h, w = m.export_size
+    feeds = spec.sample_inputs(2, h, w, np.random.default_rng(0), timesteps=np.array([500.0]))
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        g = OrtBackend(["CPUExecutionProvider"], threads=2).open(f"{folder}/{v.file}", spec)
+        create = time.perf_counter() - t
+    for _ in range(warmup):
+        g.run(feeds)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        g.run(feeds)
+        times.append(time.perf_counter() - t)
+    out = {"create_s": create, "rss_gib": mem.peak_bytes / 2**30, "median": statistics.median(times)}
+    print(json.dumps({**out, "min": min(times), "max": max(times)}))
+    """
+)
+
+
+def linked_copy(base: Path, dest: Path) -> None:
+    """`dest` with hard links to the base's fp32 files and support files, and its own manifest."""
+    if (dest / MANIFEST).exists():
+        return
+    manifest = Manifest.read(base)
+    dest.mkdir(parents=True, exist_ok=True)
+    names = {n for vs in manifest.graphs.values() for v in vs.values() if v.name == "fp32" for n in v.files}
+    names |= set(manifest.support_files)
+    for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        if not (dest / name).exists():
+            os.link(base / name, dest / name)
+    for graph in manifest.graphs.values():
+        for key in [k for k in graph if k != "fp32"]:
+            del graph[key]
+    manifest.write(dest)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--kinds", default="static,static-cpu,dynamic")
+    parser.add_argument("--graphs", default="unet_encoder,unet_decoder,unet")
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--propagation", default="0,3,6")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    graphs = tuple(args.graphs.split(","))
+    kinds = args.kinds.split(",")
+    print(f"machine: {machine()}", flush=True)
+    settings = CaptureSettings(
+        prompts=tuple(default_prompts()),
+        samples=args.samples,
+        per_prompt=min(8, max(1, args.samples // 2)),
+        steps=args.steps,
+        propagation=args.propagation,
+        guidance=default_guidance(args.artifacts),
+        chunk=2,
+    )
+    folders = {"fp32": args.artifacts}
+    for kind in kinds:
+        folder = args.work / kind
+        linked_copy(args.artifacts, folder)
+        options = dataclasses.replace(KINDS[kind], graphs=graphs)
+        report = quantize_artifacts(folder, options, settings, args.work / "calibration", progress=False)
+        print(f"\n{kind}:\n{report.table()}", flush=True)
+        folders[kind] = folder
+
+    print(
+        "\n| graph | variant | MiB on disk | smaller | session create s | peak RSS at creation GiB | s/call "
+        "median (min-max) | speed-up vs fp32 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+    for graph in graphs:
+        base = None
+        for kind, folder in folders.items():
+            variant = "fp32" if kind == "fp32" else "int8"
+            size = Manifest.read(folder).variant(graph, variant).size_bytes
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    MEASURE,
+                    str(folder),
+                    graph,
+                    variant,
+                    str(args.warmup),
+                    str(args.repeat),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
+            if proc.returncode != 0:
+                print(f"| {graph} | {kind} | failed: {proc.stderr.strip().splitlines()[-1:]} |", flush=True)
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            base = (size, r["median"]) if kind == "fp32" else base
+            ratio = f"{base[0] / size:.2f}x" if base else "—"
+            speed = f"{base[1] / r['median']:.2f}x" if base else "—"
+            print(
+                f"| {graph} | {kind} | {size / 2**20:.0f} | {ratio} | {r['create_s']:.1f} | "
+                f"{r['rss_gib']:.2f} | "
+                f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}) | {speed} |",
+                flush=True,
+            )
+    print(f"\nmachine after: {machine()}")
+
+
+if __name__ == "__main__":
+    main()
