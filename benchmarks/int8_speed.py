@@ -6,10 +6,11 @@ static INT8 (TensorRT layout and ONNX Runtime CPU layout) and dynamic INT8, on t
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/int8_speed.py --artifacts artifacts/reference \
       --work artifacts/int8-reference-speed --steps 50 --propagation fd-ddim50 --samples 64
 
-Each INT8 kind is made in its own folder (hard links to the fp32 files, so nothing is copied), with the
-same calibration set. Each (kind, graph) is measured in a fresh process: session creation time and
-peak RSS, then `--warmup` untimed and `--repeat` timed calls at 2 rows (one image with CFG) at the
-export size, 2 threads. Kinds run one after another, so compare ratios from one run only.
+Each INT8 kind is made in the artifacts folder from the same calibration set, then its INT8 files are
+copied to WORK/KIND (the artifacts folder keeps the last kind's). Each (kind, graph) is measured in a
+fresh process: session creation time and peak RSS, then `--warmup` untimed and `--repeat` timed calls
+at 2 rows (one image with CFG) at the export size, 2 threads. Kinds run one after another, so compare
+ratios from one run only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -66,21 +68,36 @@ MEASURE = textwrap.dedent(
 )
 
 
-def linked_copy(base: Path, dest: Path) -> None:
-    """`dest` with hard links to the base's fp32 files and support files, and its own manifest."""
+def quantize_kind(
+    base: Path, dest: Path, options: QuantizeOptions, settings: CaptureSettings, calib_dir: Path
+) -> None:
+    """Quantize in the base folder (onnx refuses hard-linked external data), then copy the INT8 files
+    and the manifest to `dest`, which the measurement reads. Kept when `dest` holds INT8 made from the
+    base's current fp32 graphs with the same options."""
+    base_manifest = Manifest.read(base)
     if (dest / MANIFEST).exists():
-        return
-    manifest = Manifest.read(base)
+        old = Manifest.read(dest)
+        same = all(
+            "int8" in old.variants(g)
+            and old.variant(g, "int8").meta.get("source_sha256")
+            == base_manifest.variant(g, "fp32").files[base_manifest.variant(g, "fp32").file].sha256
+            and old.variant(g, "int8").meta.get("mode") == options.mode
+            and (
+                options.mode == "dynamic"
+                or old.variant(g, "int8").meta.get("target", "tensorrt") == options.target
+            )
+            for g in options.graphs
+        )
+        if same:
+            print(f"{dest.name}: kept", flush=True)
+            return
+    report = quantize_artifacts(base, options, settings, calib_dir, progress=False)
+    print(f"\n{dest.name}:\n{report.table()}", flush=True)
     dest.mkdir(parents=True, exist_ok=True)
-    names = {n for vs in manifest.graphs.values() for v in vs.values() if v.name == "fp32" for n in v.files}
-    names |= set(manifest.support_files)
-    for name in names:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        if not (dest / name).exists():
-            os.link(base / name, dest / name)
-    for graph in manifest.graphs.values():
-        for key in [k for k in graph if k != "fp32"]:
-            del graph[key]
+    manifest = Manifest.read(base)
+    for graph in options.graphs:
+        for name in manifest.variant(graph, "int8").files:
+            shutil.copy2(base / name, dest / name)
     manifest.write(dest)
 
 
@@ -88,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--kinds", default="static,static-cpu,dynamic")
+    parser.add_argument("--kinds", default="dynamic,static-cpu,static")
     parser.add_argument("--graphs", default="unet_encoder,unet_decoder,unet")
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--steps", type=int, default=10)
@@ -110,12 +127,9 @@ def main() -> None:
     )
     folders = {"fp32": args.artifacts}
     for kind in kinds:
-        folder = args.work / kind
-        linked_copy(args.artifacts, folder)
+        folders[kind] = args.work / kind
         options = dataclasses.replace(KINDS[kind], graphs=graphs)
-        report = quantize_artifacts(folder, options, settings, args.work / "calibration", progress=False)
-        print(f"\n{kind}:\n{report.table()}", flush=True)
-        folders[kind] = folder
+        quantize_kind(args.artifacts, folders[kind], options, settings, args.work / "calibration")
 
     print(
         "\n| graph | variant | MiB on disk | smaller | session create s | peak RSS at creation GiB | s/call "

@@ -300,9 +300,14 @@ class Int8Report:
         return all(c.passed for r in self.results for c in r.comparisons)
 
     def table(self) -> str:
+        o = self.options
+        how = (
+            f"static QDQ ({o.target} layout), {o.method} calibration on {o.source} inputs"
+            if o.mode == "static"
+            else "dynamic (MatMul/Gemm weights; activations quantized at run time)"
+        )
         lines = [
-            f"INT8 {self.options.mode}, {self.options.method if self.options.mode == 'static' else 'no'} "
-            f"calibration on {self.options.source} inputs; held-out rel L2 vs fp32",
+            f"INT8 {how}; rel L2 vs fp32 on held-out captured inputs",
             f"{'graph':<13} {'fp32 MiB':>9} {'int8 MiB':>9} {'smaller':>8} {'quant/float':>11} "
             f"{'calib':>5} {'val':>4} {'rel L2':>8} {'TRT QDQ':>8} {'s':>6}",
         ]
@@ -650,6 +655,7 @@ def _one_graph(
             "calibration_samples": n_train,
             "validation_samples": len(holdout),
             "mode": options.mode,
+            "target": options.target if options.mode == "static" else None,
             "method": options.method if options.mode == "static" else None,
             "percentile": options.percentile if options.method == "percentile" else None,
             "calibrated_on": options.source if options.mode == "static" else None,
