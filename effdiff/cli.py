@@ -165,6 +165,8 @@ def export_int8_cmd(
     report = quantize_artifacts(
         artifacts, options, settings, calib_dir, progress=not quiet, log=lambda m: click.echo(m, err=True)
     )
+    if not report.passed:
+        raise ValidationFailed(report.table())
     click.echo(report.table())
     click.echo(f"INT8 variants recorded in {artifacts / 'manifest.json'}")
 
