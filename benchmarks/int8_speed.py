@@ -4,7 +4,7 @@ static INT8 (TensorRT layout and ONNX Runtime CPU layout) and dynamic INT8, on t
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/int8_speed.py --artifacts artifacts/sd15-arch \
       --work artifacts/int8-sd15-arch                                       # SD1.5 architecture, 256x256
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/int8_speed.py --artifacts artifacts/reference \
-      --work artifacts/int8-reference-speed --steps 50 --propagation fd-ddim50 --samples 64
+      --work artifacts/int8-reference --steps 50 --propagation fd-ddim50 --samples 64 --chunk 8
 
 Each INT8 kind is made in the artifacts folder from the same calibration set, then its INT8 files are
 copied to WORK/KIND (the artifacts folder keeps the last kind's). Each (kind, graph) is measured in a
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--propagation", default="0,3,6")
+    parser.add_argument("--chunk", type=int, default=2, help="prompts per capture run (memory)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
@@ -123,7 +124,7 @@ def main() -> None:
         steps=args.steps,
         propagation=args.propagation,
         guidance=default_guidance(args.artifacts),
-        chunk=2,
+        chunk=args.chunk,
     )
     folders = {"fp32": args.artifacts}
     for kind in kinds:
