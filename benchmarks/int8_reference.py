@@ -93,6 +93,11 @@ def images_for(
     return images
 
 
+def mean_psnr(images: list[Image.Image], reference: list[Image.Image]) -> float:
+    pairs = zip(images, reference, strict=True)
+    return float(np.mean([min(psnr(np.asarray(a), np.asarray(b)), 99.0) for a, b in pairs]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts/reference"))
@@ -138,11 +143,13 @@ def main() -> None:
         print(f"| {SOURCES[source]} | {rel['unet_encoder']} | {rel['unet_decoder']} | {rel['unet']} |")
     print(flush=True)
 
+    # the main comparison first, so a run cut short still has it; PSNR against the fp32 image of the
+    # same path once that path has run (fd+int8 against fd is printed after the table)
     configs = [
         ("full", args.artifacts, "fp32", "none"),
-        ("fd", args.artifacts, "fp32", "fd-ddim50"),
         ("int8", folders["propagation"], "int8", "none"),
         ("fd+int8", folders["propagation"], "int8", "fd-ddim50"),
+        ("fd", args.artifacts, "fp32", "fd-ddim50"),
     ]
     if not args.skip_ablation:
         configs += [
@@ -152,7 +159,7 @@ def main() -> None:
         ]
     clf = AttributeClassifier()
     splits = {"held-in": held_in_scenes(args.count), "held-out": held_out_scenes()}
-    for split in args.splits.split(","):
+    for split in [s for s in args.splits.split(",") if s]:
         scenes = splits[split]
         print(f"### {split}: {len(scenes)} prompts\n")
         print(
@@ -161,6 +168,7 @@ def main() -> None:
         )
         print("|---|---|---|---|---|---|")
         fp32_images: dict[str, list[Image.Image]] = {}
+        int8_images: dict[str, list[Image.Image]] = {}
         for name, folder, precision, propagation in configs:
             manifest = Manifest.read(folder)
             keys = [
@@ -187,22 +195,20 @@ def main() -> None:
             per_image = (time.perf_counter() - start) / len(images)
             if precision == "fp32":
                 fp32_images[propagation] = images
+            elif name in ("int8", "fd+int8"):
+                int8_images[name] = images
             adh = Adherence.of(clf.run(images)[0], scenes)
             ref = fp32_images.get(propagation)
-            db = (
-                np.mean(
-                    [min(psnr(np.asarray(a), np.asarray(b)), 99.0) for a, b in zip(images, ref, strict=True)]
-                )
-                if ref is not None and precision != "fp32"
-                else float("nan")
-            )
-            shown = "—" if np.isnan(db) else f"{db:.1f}"
+            shown = f"{mean_psnr(images, ref):.1f}" if ref is not None and precision != "fp32" else "—"
             cached = " (cached)" if per_image < 0.01 else ""
             print(
                 f"| {name} | {adh.describe('kind')} | {adh.describe('colour')} | {adh.mean:.3f} | {shown} | "
                 f"{per_image:.2f}{cached} |",
                 flush=True,
             )
+        if "fd+int8" in int8_images and "fd-ddim50" in fp32_images:
+            db = mean_psnr(int8_images["fd+int8"], fp32_images["fd-ddim50"])
+            print(f"\nfd+int8 against fd (fp32, same path): {db:.1f} dB")
         print()
 
     if args.skip_methods:

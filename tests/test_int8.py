@@ -51,6 +51,25 @@ def settings(**kw: object) -> CaptureSettings:
     return CaptureSettings(**{**base, **kw})  # type: ignore[arg-type]
 
 
+def int8_args(artifacts: Path, samples: int) -> list[str]:
+    """`effdiff-export int8` on a short schedule, minmax calibration."""
+    return [
+        "effdiff-export",
+        "int8",
+        "--artifacts",
+        str(artifacts),
+        "--samples",
+        str(samples),
+        "--steps",
+        "10",
+        "--propagation",
+        KEYS,
+        "--method",
+        "minmax",
+        "--quiet",
+    ]
+
+
 @pytest.fixture(scope="module")
 def tiny(sd1_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("int8") / "tiny-sd1"
@@ -158,21 +177,7 @@ def test_capture_killed_resumes_without_duplicates(tiny: Path, calib: Calibratio
 
 
 def test_int8_cli_quantizes_validates_and_runs(tiny: Path, tmp_path: Path) -> None:
-    args = [
-        "effdiff-export",
-        "int8",
-        "--artifacts",
-        str(tiny),
-        "--samples",
-        "9",
-        "--steps",
-        "10",
-        "--propagation",
-        KEYS,
-        "--method",
-        "minmax",
-        "--quiet",
-    ]
+    args = int8_args(tiny, 9)
     proc = run(*args)
     assert proc.returncode == 0, proc.stderr
     assert "unet_decoder" in proc.stdout and "ok" in proc.stdout
@@ -226,23 +231,8 @@ def test_int8_cli_quantizes_validates_and_runs(tiny: Path, tmp_path: Path) -> No
 def test_killed_quantization_leaves_no_complete_looking_file(sd1_artifacts: Path, tmp_path: Path) -> None:
     art = tmp_path / "a"
     shutil.copytree(sd1_artifacts, art)
-    args = [
-        str(Path(sys.executable).parent / "effdiff-export"),
-        "int8",
-        "--artifacts",
-        str(art),
-        "--samples",
-        "6",
-        "--steps",
-        "10",
-        "--propagation",
-        KEYS,
-        "--method",
-        "minmax",
-        "--quiet",
-        "--graphs",
-        "unet_encoder,unet_decoder",
-    ]
+    args = [str(Path(sys.executable).parent / "effdiff-export"), *int8_args(art, 6)[1:]]
+    args += ["--graphs", "unet_encoder,unet_decoder"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, killed = time.time() + 120, False
