@@ -596,6 +596,7 @@ def _one_graph(
         )
     ):
         log(f"{graph}: INT8 with this source, calibration and options exists, kept")
+        check = old.meta.get("qdq_check")
         return Int8GraphResult(
             graph,
             True,
@@ -603,6 +604,9 @@ def _one_graph(
             old.size_bytes,
             list(old.validation),
             dict(old.meta.get("layers", {})),
+            None if check is None else QdqCheck(0, 0, check["quantized_ops"], check["problems"]),
+            int(old.meta.get("calibration_samples", 0)),
+            int(old.meta.get("validation_samples", 0)),
         )
     holdout = list(calib.feeds(calib.select(VALIDATION_STREAM[graph], _captured(graph), True)))
     train = _calibration_feeds(graph, calib, options, spec, seed=calib.settings.get("seed", 0))
