@@ -24,7 +24,7 @@ from typing import Any
 from effdiff import __version__
 from effdiff.compare import Comparison
 from effdiff.errors import EffdiffError
-from effdiff.specs import GRAPHS, Geometry, GraphSpec, Precision, build_specs
+from effdiff.specs import GRAPHS, UNET_GRAPHS, Geometry, GraphSpec, Precision, build_specs
 
 # Bumped when the manifest or a graph interface changes in a way older runtimes cannot read.
 # 2: graph variants with checksums; the decoder takes `rows` = steps x batch timesteps.
@@ -298,7 +298,7 @@ class Manifest:
         found = self.variants(graph)
         if variant_name(want, fmt, tag) in found:
             return found[variant_name(want, fmt, tag)]
-        if want is Precision.INT8 and graph not in ("unet_encoder", "unet_decoder", "unet"):
+        if want is Precision.INT8 and graph not in UNET_GRAPHS:
             for fallback in (Precision.FP32, Precision.FP16):
                 if variant_name(fallback, fmt, tag) in found:
                     return found[variant_name(fallback, fmt, tag)]

@@ -106,6 +106,104 @@ def export_onnx_cmd(
     click.echo(f"all graphs within tolerance; manifest: {out / 'manifest.json'}")
 
 
+@export_main.command("int8")
+@click.option(
+    "--artifacts", required=True, type=click.Path(path_type=Path), help="folder from effdiff-export onnx"
+)
+@click.option(
+    "--calib-prompts",
+    type=click.Path(path_type=Path),
+    help="prompts, one per line (default: the reference model's training prompts outside the evaluation set)",
+)
+@click.option("--samples", default=64, show_default=True, type=click.IntRange(1), help="samples per graph")
+@click.option("--mode", default="static", show_default=True, type=click.Choice(["static", "dynamic"]))
+@click.option(
+    "--target",
+    default="tensorrt",
+    show_default=True,
+    type=click.Choice(["tensorrt", "cpu"]),
+    help="static QDQ layout: Q/DQ on Conv/MatMul/Gemm inputs (TensorRT), or inputs and outputs "
+    "(ONNX Runtime CPU kernels)",
+)
+@click.option(
+    "--method",
+    default="percentile",
+    show_default=True,
+    type=click.Choice(["minmax", "percentile", "entropy"]),
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    help="regex on a layer's module path kept in float (repeatable; adds to the defaults)",
+)
+@click.option(
+    "--no-default-exclude", is_flag=True, help="quantize time embedding, conv_in/out, shortcuts too"
+)
+@click.option(
+    "--calibrate-on",
+    default="propagation",
+    show_default=True,
+    type=click.Choice(["propagation", "whole", "random"]),
+    help="inputs the halves are calibrated on (whole: no propagation; random: N(0,1))",
+)
+@click.option("--steps", default=50, show_default=True, type=int)
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("--propagation", default="fd-ddim50", show_default=True, help="key-step schedule captured")
+@click.option("--guidance", type=float, help="default: 3 for the reference model, else 7.5")
+@click.option("--calib-dir", type=click.Path(path_type=Path), help="default: ARTIFACTS/calibration")
+@click.option(
+    "--graphs", default="unet_encoder,unet_decoder,unet", show_default=True, help="UNet graphs to quantize"
+)
+@click.option("--quiet", is_flag=True)
+@user_errors
+def export_int8_cmd(
+    artifacts: Path,
+    calib_prompts: Path | None,
+    samples: int,
+    mode: str,
+    target: str,
+    method: str,
+    exclude: tuple[str, ...],
+    no_default_exclude: bool,
+    calibrate_on: str,
+    steps: int,
+    sampler: str,
+    propagation: str,
+    guidance: float | None,
+    calib_dir: Path | None,
+    graphs: str,
+    quiet: bool,
+) -> None:
+    """Post-training INT8 of the UNet graphs, calibrated on what the runtime feeds each half."""
+    from effdiff.calib.capture import CaptureSettings, default_guidance, default_prompts, read_prompts
+    from effdiff.calib.quantize import DEFAULT_EXCLUDE, QuantizeOptions, quantize_artifacts
+
+    prompts = read_prompts(calib_prompts) if calib_prompts is not None else default_prompts()
+    settings = CaptureSettings(
+        prompts=tuple(prompts),
+        samples=samples,
+        steps=steps,
+        sampler=sampler,
+        propagation=propagation,
+        guidance=guidance if guidance is not None else default_guidance(artifacts),
+    )
+    options = QuantizeOptions(
+        mode=mode,
+        target=target,
+        method=method,
+        exclude=(*(() if no_default_exclude else DEFAULT_EXCLUDE), *exclude),
+        source=calibrate_on,
+        graphs=tuple(g for g in graphs.split(",") if g),
+    )
+    report = quantize_artifacts(
+        artifacts, options, settings, calib_dir, progress=not quiet, log=lambda m: click.echo(m, err=True)
+    )
+    if not report.passed:
+        raise ValidationFailed(report.table())
+    click.echo(report.table())
+    click.echo(f"INT8 variants recorded in {artifacts / 'manifest.json'}")
+
+
 @main.command("generate")
 @click.option(
     "--artifacts", required=True, type=click.Path(path_type=Path), help="folder from effdiff-export"
@@ -280,7 +378,10 @@ def verify_cmd(artifacts: Path, quick: bool) -> None:
 @main.command("bench")
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path))
 @click.option(
-    "--configs", default="full,fd", show_default=True, help="full, fd, fd:SCHEDULE (comma-separated)"
+    "--configs",
+    default="full,fd",
+    show_default=True,
+    help="full, fd, fd:SCHEDULE, int8, fd+int8 (comma-separated)",
 )
 @click.option("--prompt", "prompts", multiple=True, help="repeatable; default: one SD-style prompt")
 @click.option("--sampler", default="ddim", show_default=True)

@@ -16,6 +16,8 @@ import numpy as np
 # Every graph an export writes, in export order; the one place their names are listed.
 GRAPHS = ("text_encoder", "unet_encoder", "unet_decoder", "unet", "unet_deep", "unet_shallow", "vae_decoder")
 UNET_GRAPHS = ("unet_encoder", "unet_decoder", "unet", "unet_deep", "unet_shallow")
+# The graphs `effdiff-export int8` quantizes (the cache recipe's graphs stay in float for now).
+INT8_GRAPHS = ("unet_encoder", "unet_decoder", "unet")
 
 
 class Precision(str, Enum):

@@ -37,6 +37,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -
         ["effdiff", "--help"],
         ["effdiff-export", "--help"],
         ["effdiff-export", "onnx", "--help"],
+        ["effdiff-export", "int8", "--help"],
         ["effdiff", "export", "onnx", "--help"],
     ],
 )

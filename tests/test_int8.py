@@ -1,0 +1,351 @@
+"""INT8: calibration capture through the runtime's hook, quantization with onnxruntime, the CLI, errors.
+
+Real onnxruntime sessions and real onnxruntime.quantization on tiny-sd1 (a copy per module, so the
+shared fixture folder keeps fp32 only). Short schedules keep the module near a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from effdiff.artifacts import Manifest, sha256_file
+from effdiff.calib.capture import (
+    CALIB_MANIFEST,
+    CalibrationSet,
+    CaptureSettings,
+    capture,
+    default_prompts,
+    read_prompts,
+)
+from effdiff.calib.quantize import (
+    INT8_TOLERANCE,
+    QuantizeOptions,
+    check_feeds,
+    check_qdq,
+    plan_layers,
+    quantize_artifacts,
+)
+from effdiff.errors import EffdiffError
+from effdiff.runtime.backends.ort import OrtBackend
+from effdiff.runtime.pipeline import Pipeline
+
+from .test_cli import assert_one_line_error, run
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ("a red circle", "a blue square on white", "a green star", "a small yellow triangle")
+KEYS = "0,3,6"  # a propagation schedule for 10 steps: the decoder reuses features for 2 later steps
+
+
+def settings(**kw: object) -> CaptureSettings:
+    base = dict(prompts=PROMPTS, samples=9, per_prompt=3, steps=10, propagation=KEYS, chunk=1, holdout=0.34)
+    return CaptureSettings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def int8_args(artifacts: Path, samples: int) -> list[str]:
+    """`effdiff-export int8` on a short schedule, minmax calibration."""
+    return [
+        "effdiff-export",
+        "int8",
+        "--artifacts",
+        str(artifacts),
+        "--samples",
+        str(samples),
+        "--steps",
+        "10",
+        "--propagation",
+        KEYS,
+        "--method",
+        "minmax",
+        "--quiet",
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny(sd1_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "tiny-sd1"
+    shutil.copytree(sd1_artifacts, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> CalibrationSet:
+    return capture(tiny, tmp_path_factory.mktemp("calib") / "set", settings(), progress=False)
+
+
+def test_capture_records_what_each_half_sees(tiny: Path, calib: CalibrationSet) -> None:
+    s = settings()
+    assert s.prompts_used == 3 and s.holdout_prompts == 1
+    for stream in ("whole", "propagation"):
+        for graph in ("unet_encoder", "unet_decoder"):
+            recs = calib.select(stream, graph, False) + calib.select(stream, graph, True)
+            assert 0 < len(recs) <= s.samples, (stream, graph, len(recs))
+            # held-out prompts never calibrate
+            assert {r.prompt for r in calib.select(stream, graph, True)} == {2}
+            assert {r.prompt for r in calib.select(stream, graph, False)} == {0, 1}
+    # timestep-aware: each prompt's decoder samples are spread over the schedule's thirds
+    for prompt in (0, 1, 2):
+        steps = sorted(
+            r.step
+            for r in calib.records
+            if r.graph == "unet_decoder" and r.prompt == prompt and r.stream == "whole"
+        )
+        assert steps[0] <= 3 and steps[-1] >= 7 and len(set(steps)) == 3, steps
+    # the encoder under propagation runs at key steps only; on the whole run at any step
+    assert {r.step for r in calib.records if r.stream == "propagation" and r.graph == "unet_encoder"} <= {
+        0,
+        3,
+        6,
+    }
+    prop_dec = [r for r in calib.records if r.stream == "propagation" and r.graph == "unet_decoder"]
+    assert any(r.key_step < r.step for r in prop_dec), "no decoder sample with cached features"
+    assert all(r.key_step == r.step for r in calib.records if r.stream == "whole")
+    # the decoder's features under propagation are the encoder's output at the key step, with a later
+    # timestep: run the fp32 encoder on the recorded key-step inputs and compare
+    manifest = Manifest.read(tiny)
+    enc = OrtBackend(["CPUExecutionProvider"]).open(
+        tiny / "unet_encoder.onnx", manifest.specs()["unet_encoder"]
+    )
+    checked = 0
+    for rec in (r for r in prop_dec if r.key_step < r.step):
+        key = next(
+            r
+            for r in calib.records
+            if r.stream == "propagation"
+            and r.graph == "unet_encoder"
+            and r.prompt == rec.prompt
+            and r.step == rec.key_step
+        )
+        enc_feeds, dec_feeds = next(calib.feeds([key])), next(calib.feeds([rec]))
+        features = enc.run(enc_feeds)
+        np.testing.assert_allclose(dec_feeds["mid"], features["mid"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dec_feeds["skip_00"], features["skip_00"], rtol=1e-4, atol=1e-5)
+        assert dec_feeds["timestep"][0] < enc_feeds["timestep"][0]  # a later step, a smaller timestep
+        checked += 1
+    assert checked > 0
+    # both guidance halves: rows [negative, prompt], the negative rows identical across prompts
+    a, b = (next(calib.feeds([r])) for r in calib.select("whole", "unet_encoder", False)[:2])
+    assert a["sample"].shape[0] == 2 and a["encoder_hidden_states"].shape[0] == 2
+    np.testing.assert_array_equal(a["encoder_hidden_states"][0], b["encoder_hidden_states"][0])
+    # checksums in the manifest are the shards'
+    data = json.loads((calib.folder / CALIB_MANIFEST).read_text())
+    assert data["complete"] and all(
+        sha256_file(calib.folder / n) == rec["sha256"] for n, rec in data["shards"].items()
+    )
+
+
+def test_capture_killed_resumes_without_duplicates(tiny: Path, calib: CalibrationSet, tmp_path: Path) -> None:
+    folder = tmp_path / "killed"
+    code = (
+        "import sys; from pathlib import Path; from tests.test_int8 import settings; "
+        "from effdiff.calib.capture import capture; "
+        f"capture(Path({str(tiny)!r}), Path({str(folder)!r}), settings(), progress=False)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
+    deadline = time.time() + 120
+    killed_after = -1
+    while time.time() < deadline and proc.poll() is None:
+        manifest = folder / CALIB_MANIFEST
+        if manifest.exists():
+            try:
+                shards = json.loads(manifest.read_text())["shards"]
+            except (json.JSONDecodeError, KeyError):
+                shards = {}
+            if shards:
+                proc.send_signal(signal.SIGKILL)
+                killed_after = len(shards)
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert 0 < killed_after < settings().chunks, "the capture finished before it could be killed"
+    (folder / ".shard-00002.npz.abc.tmp").write_bytes(b"partial")  # what a kill mid-write leaves
+    resumed = capture(tiny, folder, settings(), progress=False)
+    assert [r.id for r in resumed.records] == [r.id for r in calib.records]
+    assert len({r.id for r in resumed.records}) == len(resumed.records)
+    assert resumed.sha256 == calib.sha256  # the same data, shard for shard
+    assert not list(folder.glob(".shard-*"))
+
+
+def test_int8_cli_quantizes_validates_and_runs(tiny: Path, tmp_path: Path) -> None:
+    args = int8_args(tiny, 9)
+    proc = run(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "unet_decoder" in proc.stdout and "ok" in proc.stdout
+    manifest = Manifest.read(tiny)
+    for graph in ("unet_encoder", "unet_decoder", "unet"):
+        fp32, int8 = manifest.variant(graph, "fp32"), manifest.variant(graph, "int8")
+        assert (tiny / f"{graph}.int8.onnx").is_file() and int8.file == f"{graph}.int8.onnx"
+        assert int8.meta["source_variant"] == "fp32"
+        assert int8.meta["source_sha256"] == sha256_file(tiny / fp32.file)
+        assert int8.meta["mode"] == "static" and int8.meta["method"] == "minmax"
+        assert int8.meta["calibration_sha256"] == CalibrationSet.read(tiny / "calibration").sha256
+        assert int8.meta["qdq_check"]["ok"], int8.meta["qdq_check"]
+        assert (
+            int8.meta["layers"]["reasons"][
+                "pattern ^conv_in$" if graph != "unet_decoder" else "pattern ^conv_out$"
+            ]
+            == 1
+        )
+        # held-out validation: within the sanity bound, and above zero (it is INT8); skip_00 is conv_in's
+        # output, kept in float, so it matches exactly
+        rel = {c.output: c.rel_l2 for c in int8.validation}
+        assert rel and all(0 <= v < INT8_TOLERANCE for v in rel.values()) and max(rel.values()) > 0, rel
+        assert int8.meta["validation_samples"] > 0 and int8.meta["calibration_samples"] > 0
+        assert fp32.size_bytes / int8.size_bytes > 2.5, (graph, fp32.size_bytes, int8.size_bytes)
+    # the runtime takes precision="int8", with and without propagation, close to fp32
+    fp32_pipe, int8_pipe = Pipeline.load(tiny), Pipeline.load(tiny, precision="int8")
+    assert int8_pipe.variants["unet"].name == "int8" and int8_pipe.variants["vae_decoder"].name == "fp32"
+    for schedule in ("none", KEYS):
+        want = fp32_pipe("a red circle", steps=10, propagation=schedule, seed=3).latents
+        got = int8_pipe("a red circle", steps=10, propagation=schedule, seed=3).latents
+        rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        assert 0 < rel < 0.2, (schedule, rel)
+    # the same job again keeps what it made
+    again = quantize_artifacts(
+        tiny,
+        QuantizeOptions(method="minmax"),
+        CaptureSettings(prompts=tuple(default_prompts()), samples=9, steps=10, propagation=KEYS),
+        progress=False,
+    )
+    assert all(r.skipped for r in again.results)
+    assert (
+        Manifest.read(tiny).variant("unet", "int8").recipe_key == manifest.variant("unet", "int8").recipe_key
+    )
+    from effdiff.bench.harness import parse_configs
+
+    configs = {c.name: c for c in parse_configs(["int8", "fd+int8"], "ddim", 50)}
+    assert configs["int8"].precision.value == "int8" and not configs["int8"].propagation.propagates
+    assert configs["fd+int8"].propagation.propagates
+
+
+def test_killed_quantization_leaves_no_complete_looking_file(sd1_artifacts: Path, tmp_path: Path) -> None:
+    art = tmp_path / "a"
+    shutil.copytree(sd1_artifacts, art)
+    args = [str(Path(sys.executable).parent / "effdiff-export"), *int8_args(art, 6)[1:]]
+    args += ["--graphs", "unet_encoder,unet_decoder"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed = time.time() + 120, False
+    while time.time() < deadline and proc.poll() is None:
+        if list(art.glob(".tmp-int8-unet_decoder-*/*")):  # the second graph is being written
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed, "the quantization finished before it could be killed"
+    manifest = Manifest.read(art)
+    recorded = {v.file for vs in manifest.graphs.values() for v in vs.values()}
+    for f in art.glob("*.int8.onnx*"):
+        assert f.name in recorded, f"{f.name} looks complete but the manifest does not know it"
+    assert "int8" not in manifest.variants("unet_decoder") and "int8" in manifest.variants("unet_encoder")
+    proc = run(*[a if i else "effdiff-export" for i, a in enumerate(args)])  # the lock died with it
+    assert proc.returncode == 0, proc.stderr
+    assert "int8" in Manifest.read(art).variants("unet_decoder") and "(kept)" in proc.stdout
+    assert not list(art.glob(".tmp-int8-*"))
+
+
+def test_layer_policy_targets_and_modes(tiny: Path, calib: CalibrationSet) -> None:
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(tiny / "unet_encoder.onnx"))
+    default = plan_layers(model, ("Conv", "MatMul", "Gemm"), QuantizeOptions().exclude)
+    reasons = default.summary()["reasons"]
+    assert reasons["pattern ^conv_in$"] == 1 and reasons["pattern time_embedding"] == 2
+    assert reasons["no constant weight (activation x activation)"] > 0  # attention scores stay float
+    no_attn = plan_layers(model, ("Conv", "MatMul", "Gemm"), (*QuantizeOptions().exclude, r"attn\d"))
+    assert len(no_attn.quantize) < len(default.quantize)
+    # the ONNX Runtime CPU layout quantizes outputs too: not what TensorRT fuses, and the check says so
+    cpu = tiny.parent / "cpu"
+    shutil.copytree(tiny, cpu, dirs_exist_ok=True)
+    s = settings()
+    report = quantize_artifacts(
+        cpu, QuantizeOptions(target="cpu", method="minmax", graphs=("unet_encoder",)), s, calib.folder, False
+    )
+    assert report.results[0].qdq is None
+    assert not check_qdq(onnx.load(str(cpu / "unet_encoder.int8.onnx"))).ok
+    # dynamic: MatMul/Gemm only, no calibration, validated all the same
+    report = quantize_artifacts(
+        cpu, QuantizeOptions(mode="dynamic", graphs=("unet_decoder",)), s, calib.folder, False
+    )
+    ops = {n.op_type for n in onnx.load(str(cpu / "unet_decoder.int8.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
+    assert report.results[0].comparisons and report.results[0].calibration_samples == 0
+    # ablation (a): random calibration inputs give a worse decoder than the captured ones
+    rand = quantize_artifacts(
+        cpu,
+        QuantizeOptions(method="minmax", source="random", graphs=("unet_decoder",)),
+        s,
+        calib.folder,
+        False,
+    )
+    real = quantize_artifacts(
+        cpu, QuantizeOptions(method="minmax", graphs=("unet_decoder",)), s, calib.folder, False
+    )
+    assert rand.results[0].worst_rel_l2 > real.results[0].worst_rel_l2
+
+
+def test_int8_errors(tiny: Path, calib: CalibrationSet, tmp_path: Path) -> None:
+    assert_one_line_error(
+        run("effdiff-export", "int8", "--artifacts", str(tiny), "--calib-prompts", str(tmp_path / "no.txt")),
+        "does not exist",
+    )
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing here\n\n")
+    assert_one_line_error(
+        run("effdiff-export", "int8", "--artifacts", str(tiny), "--calib-prompts", str(empty)), "no prompts"
+    )
+    (tmp_path / "p.txt").write_text("a\n\n b \n# comment\n")
+    assert read_prompts(tmp_path / "p.txt") == ["a", "b"]
+    # artifacts without the graphs to quantize
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny, bare)
+    data = json.loads((bare / "manifest.json").read_text())
+    del data["graphs"]["unet_decoder"]
+    (bare / "manifest.json").write_text(json.dumps(data))
+    assert_one_line_error(run("effdiff-export", "int8", "--artifacts", str(bare)), "no fp32 unet_decoder")
+    # --precision int8 without INT8 variants; bench configurations likewise
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny, plain)
+    data = json.loads((plain / "manifest.json").read_text())
+    for graph in data["graphs"].values():
+        graph["variants"].pop("int8", None)
+    (plain / "manifest.json").write_text(json.dumps(data))
+    assert_one_line_error(
+        run(
+            "effdiff",
+            "generate",
+            "--artifacts",
+            str(plain),
+            "--prompt",
+            "a",
+            "--precision",
+            "int8",
+            "--out",
+            str(tmp_path / "o.png"),
+        ),
+        "no int8 variant",
+    )
+    # calibration that yields nothing, and inputs that do not fit the graph
+    spec = Manifest.read(tiny).specs()["unet_encoder"]
+    names = spec.input_names
+    with pytest.raises(EffdiffError, match="no calibration samples"):
+        check_feeds("unet_encoder", spec, names, [])
+    good = next(calib.feeds(calib.select("propagation", "unet_encoder", False)))
+    with pytest.raises(EffdiffError, match="expected float32"):
+        check_feeds("unet_encoder", spec, names, [{**good, "sample": good["sample"][:, :2]}])
+    with pytest.raises(EffdiffError, match="has inputs"):
+        check_feeds("unet_encoder", spec, names, [{**good, "latents": good["sample"]}])
+    with pytest.raises(EffdiffError, match="samples must be >= 1"):
+        CaptureSettings(prompts=PROMPTS, samples=0)
+    with pytest.raises(EffdiffError, match="unknown method"):
+        QuantizeOptions(method="mse")
