@@ -38,11 +38,12 @@ PEERS = ("diffusers", "deepcache")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One effdiff configuration. Retrieval start will add a field here."""
+    """One effdiff configuration."""
 
     name: str
     propagation: KeySchedule
     precision: Precision | None = None  # None: the folder's default (fp32, or fp16 for an fp16 export)
+    kb: Path | None = None  # retrieval start from this knowledge base (its adaptive jumps)
 
 
 def fd_schedule(sampler: str, steps: int) -> KeySchedule:
@@ -54,17 +55,23 @@ def fd_schedule(sampler: str, steps: int) -> KeySchedule:
     return KeySchedule.uniform(3)
 
 
-def parse_configs(names: list[str], sampler: str, steps: int) -> list[BenchConfig]:
-    """`full`, `fd`, or `fd:SCHEDULE` (e.g. fd:uniform:4); INT8 and retrieval are refused until they exist."""
+def parse_configs(names: list[str], sampler: str, steps: int, kb: Path | None = None) -> list[BenchConfig]:
+    """`full`, `fd`, `fd:SCHEDULE` (e.g. fd:uniform:4), `kb` and `fd+kb` (retrieval start from `kb`,
+    without / with encoder propagation); INT8 is refused until it exists."""
     out = []
     for name in names:
-        if name == "full":
+        if name in ("kb", "fd+kb"):
+            if kb is None:
+                raise EffdiffError(f"configuration {name!r} needs a knowledge base (--kb KB)")
+            schedule = fd_schedule(sampler, steps) if name == "fd+kb" else KeySchedule.none()
+            out.append(BenchConfig(name, schedule, kb=Path(kb)))
+        elif name == "full":
             out.append(BenchConfig("full", KeySchedule.none()))
         elif name == "fd":
             out.append(BenchConfig("fd", fd_schedule(sampler, steps)))
         elif name.startswith("fd:"):
             out.append(BenchConfig(name, KeySchedule.parse(name[3:])))
-        elif name in ("int8", "kb") or "+" in name:
+        elif name == "int8" or "+" in name:
             raise EffdiffError(
                 f"configuration {name!r} needs INT8 / retrieval start, which this effdiff lacks yet"
             )
@@ -164,6 +171,12 @@ def bench_effdiff(
     base_rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
     pipe = Pipeline.load(artifacts, providers=providers, precision=config.precision)
+    run: Any = pipe
+    if config.kb is not None:
+        from effdiff.kb.retrieval import RetrievalStart
+        from effdiff.kb.store import KnowledgeBase
+
+        run = RetrievalStart(pipe, KnowledgeBase.open(config.kb))
     unet_graphs = ("unet_encoder", "unet_decoder") if config.propagation.propagates else ("unet",)
     for g in unet_graphs:
         pipe.open_graph(g)  # graph creation counts as load, not as the first run
@@ -171,7 +184,7 @@ def bench_effdiff(
     h, w = latents.shape[2] * pipe.geometry.vae_factor, latents.shape[3] * pipe.geometry.vae_factor
 
     def once() -> Any:
-        return pipe(
+        return run(
             settings.prompts,
             steps=settings.steps,
             sampler=settings.sampler,
@@ -201,7 +214,7 @@ def bench_effdiff(
     row = Row(
         config.name,
         "effdiff",
-        str(config.propagation),
+        str(config.propagation) + (f" + kb {config.kb.name}" if config.kb else ""),
         load,
         Stats.of([r.timings["total"] for r in results]),
         comps,
@@ -318,6 +331,13 @@ def run_bench(
     h, w = probe.default_size()
     h, w = settings.height or h, settings.width or w
     latents = _latents(probe, settings, h, w)
+    kb_paths = [c.kb for c in configs if c.kb is not None]
+    if kb_paths:  # every configuration starts from noise the KB holds (its seeds in turn), as in ReDi
+        from effdiff.kb.build import entry_noise
+        from effdiff.kb.store import KBManifest
+
+        seeds = KBManifest.read(kb_paths[0]).settings.seeds
+        latents = entry_noise(probe, [seeds[i % len(seeds)] for i in range(len(latents))], h, w)
     del probe
     runs = (settings.warmup + settings.repeat) * (len(configs) + len(peers))
     bar = tqdm(total=runs, desc="bench", unit="run", disable=not progress)
