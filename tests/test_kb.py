@@ -446,3 +446,22 @@ def test_jump_policy_thresholds() -> None:
     assert JumpPolicy.from_distances(np.array([np.inf]), (10,), (0.5,)).choose(0.0) is None
     with pytest.raises(EffdiffError, match="one per value step"):
         JumpPolicy.from_distances(d, (10, 20), (0.5,))
+
+
+def test_quality_evaluation_reuses_the_full_run(pipe: Pipeline, kb: KnowledgeBase) -> None:
+    """eval_quality's rows on two scenes: the baseline, and a KB configuration whose images started
+    from KB seeds (so they jump) and are scored by the reference judge, with PSNR against full."""
+    from effdiff.kb.evaluate import KBConfig, eval_quality, markdown_table
+    from effdiff.reference.scenes import DEMO_SCENES
+
+    scenes = list(DEMO_SCENES[:2])
+    rows = eval_quality(
+        pipe, kb, scenes, "held-in", [KBConfig("kb 6", jump="6", combine="nearest")], log=lambda _m: None
+    )
+    assert [r.name for r in rows] == ["full", "kb 6"]
+    full, jumped = rows
+    assert full.saved == 0 and full.psnr_db is None and full.adherence.count == 2
+    assert jumped.jumps == {6: 2} and jumped.saved == pytest.approx(4 / 8)
+    assert jumped.psnr_db is not None and 0 < jumped.psnr_db < 99
+    table = markdown_table(rows)
+    assert "| kb 6 | held-in | 2 | 50.0 % |" in table
