@@ -34,7 +34,15 @@ import numpy as np
 from effdiff.export.onnx import export_onnx
 from effdiff.kb.adaptive import default_quantiles
 from effdiff.kb.build import _same_prompt_groups, build_kb
-from effdiff.kb.evaluate import KBConfig, eval_index, eval_quality, kb_info, markdown_table
+from effdiff.kb.evaluate import (
+    KBConfig,
+    default_seeds,
+    eval_index,
+    eval_quality,
+    full_runs,
+    kb_info,
+    markdown_table,
+)
 from effdiff.kb.store import BuildSettings, KnowledgeBase
 from effdiff.reference.dataset import all_scenes
 from effdiff.reference.judge import AttributeClassifier
@@ -158,9 +166,29 @@ def main() -> None:
     parser.add_argument("--fixed", type=int, default=30, help="ReDi's rule for comparison: always jump here")
     parser.add_argument("--unseen", type=int, default=64, help="held-in prompts from unseen noise")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--cache", type=Path, default=Path("runs/kb-eval-cache"), help="full runs kept here")
+    parser.add_argument(
+        "--baselines-only", action="store_true", help="only the full runs (no KB needed): start them early"
+    )
     args = parser.parse_args()
     print(cpu_flags(), flush=True)
     export_onnx("reference", args.artifacts, progress=False)
+    held_in = held_in_scenes(args.count)
+    unseen = held_in[: args.unseen]
+    unseen_seeds = [10_000 + i for i in range(len(unseen))]
+    if args.baselines_only:
+        pipe = Pipeline.load(args.artifacts)
+        for scenes, seeds, props in (
+            (held_in, None, ("none", "fd-ddim50")),
+            (held_out_scenes(), None, ("none", "fd-ddim50")),
+            (unseen, unseen_seeds, ("none",)),
+        ):
+            for prop in props:
+                t = time.perf_counter()
+                seeds = seeds or default_seeds(SETTINGS, len(scenes))
+                full_runs(pipe, SETTINGS, [s.prompt for s in scenes], seeds, prop, cache=args.cache)
+                print(f"full runs: {len(scenes)} images, {prop}: {time.perf_counter() - t:.0f}s", flush=True)
+        return
     t0 = time.perf_counter()
     if not (args.kb / "kb.json").exists():
         build_kb(
@@ -195,13 +223,13 @@ def main() -> None:
         KBConfig("fd+kb adaptive", jump=f"adaptive:{q}", propagation="fd-ddim50"),
     ]
     rows = []
-    for split, scenes in (("held-in", held_in_scenes(args.count)), ("held-out", held_out_scenes())):
+    for split, scenes in (("held-in", held_in), ("held-out", held_out_scenes())):
         print(f"{split}: {len(scenes)} images", flush=True)
-        rows += eval_quality(pipe, kb, scenes, split, configs)
+        rows += eval_quality(pipe, kb, scenes, split, configs, cache=args.cache)
     if args.unseen:
-        scenes = held_in_scenes(args.count)[: args.unseen]
-        seeds = [10_000 + i for i in range(len(scenes))]
-        rows += eval_quality(pipe, kb, scenes, "held-in, unseen noise", configs[:1], seeds=seeds)
+        rows += eval_quality(
+            pipe, kb, unseen, "held-in, unseen noise", configs[:1], seeds=unseen_seeds, cache=args.cache
+        )
     print(cpu_flags())
     print(markdown_table(rows))
 

@@ -448,17 +448,20 @@ def test_jump_policy_thresholds() -> None:
         JumpPolicy.from_distances(d, (10, 20), (0.5,))
 
 
-def test_quality_evaluation_reuses_the_full_run(pipe: Pipeline, kb: KnowledgeBase) -> None:
+def test_quality_evaluation_reuses_the_full_run(pipe: Pipeline, kb: KnowledgeBase, tmp_path: Path) -> None:
     """eval_quality's rows on two scenes: the baseline, and a KB configuration whose images started
     from KB seeds (so they jump) and are scored by the reference judge, with PSNR against full."""
-    from effdiff.kb.evaluate import KBConfig, eval_quality, markdown_table
+    from effdiff.kb.evaluate import KBConfig, default_seeds, eval_quality, full_runs, markdown_table
     from effdiff.reference.scenes import DEMO_SCENES
 
     scenes = list(DEMO_SCENES[:2])
-    rows = eval_quality(
-        pipe, kb, scenes, "held-in", [KBConfig("kb 6", jump="6", combine="nearest")], log=lambda _m: None
-    )
+    config = KBConfig("kb 6", jump="6", combine="nearest")
+    rows = eval_quality(pipe, kb, scenes, "held-in", [config], log=lambda _m: None, cache=tmp_path)
     assert [r.name for r in rows] == ["full", "kb 6"]
+    (cached,) = tmp_path.glob("full-*.npz")
+    prompts, seeds = [s.prompt for s in scenes], default_seeds(kb.settings, 2)
+    images, keys = full_runs(pipe, kb.settings, prompts, seeds, "none", cache=tmp_path)
+    assert len(images) == 2 and keys[0].shape == (2, 4, 8, 8) and list(tmp_path.iterdir()) == [cached]
     full, jumped = rows
     assert full.saved == 0 and full.psnr_db is None and full.adherence.count == 2
     assert jumped.jumps == {6: 2} and jumped.saved == pytest.approx(4 / 8)

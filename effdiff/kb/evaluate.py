@@ -3,6 +3,8 @@ reference model) UNet evaluations saved against prompt adherence and PSNR kept."
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -12,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from effdiff.artifacts import atomic_path
 from effdiff.compare import psnr
 from effdiff.kb.build import LOO_NEIGHBOURS, _same_prompt_groups, entry_noise
-from effdiff.kb.store import KBManifest, KnowledgeBase, check_kb_files
+from effdiff.kb.store import BuildSettings, KBManifest, KnowledgeBase, check_kb_files
 
 # ---------------------------------------------------------------- info
 
@@ -205,6 +208,60 @@ def markdown_table(rows: list[QualityRow]) -> str:
     return "\n".join(lines)
 
 
+def full_runs(
+    pipe: Any,
+    settings: BuildSettings,
+    prompts: list[str],
+    seeds: list[int],
+    propagation: str,
+    chunk: int = 32,
+    cache: Path | None = None,
+) -> tuple[list[Any], list[np.ndarray]]:
+    """Full generations (images) and their latents after the key step, `chunk` images per call; kept
+    in `cache` (a folder) under a hash of everything they depend on, so a re-run or a second KB with
+    the same settings does not generate them again."""
+    from PIL import Image
+
+    from effdiff.runtime.pipeline import Hooks
+
+    s = settings
+    what = [pipe.manifest.source.content_hash, s.to_json(), prompts, seeds, propagation, chunk]
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+    path = None if cache is None else Path(cache) / f"full-{digest}.npz"
+    if path is not None and path.exists():
+        with np.load(path) as data:
+            images = [Image.fromarray(a) for a in data["images"]]
+            return images, [data[f"key_{i}"] for i in range(int(data["chunks"]))]
+    h, w = pipe.default_size()
+    images, key_lat = [], []
+    for start in range(0, len(prompts), chunk):
+        unit = entry_noise(pipe, seeds[start : start + chunk], h, w)
+        captured: dict[str, np.ndarray] = {}
+
+        def grab(i: int, _t: float, lat: np.ndarray, into: dict[str, np.ndarray] = captured) -> None:
+            if i + 1 == s.key_step:
+                into["x"] = lat.copy()
+
+        res = pipe(
+            prompts[start : start + chunk],
+            s.negative_prompt,
+            steps=s.steps,
+            sampler=s.sampler,
+            guidance_scale=s.guidance,
+            latents=unit,
+            propagation=propagation,
+            hooks=Hooks(on_step=grab),
+        )
+        images += res.images
+        key_lat.append(captured["x"])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = {f"key_{i}": k for i, k in enumerate(key_lat)}
+        with atomic_path(path) as tmp, tmp.open("wb") as fh:
+            np.savez(fh, images=np.stack([np.asarray(im) for im in images]), chunks=len(key_lat), **keys)
+    return images, key_lat
+
+
 def eval_quality(
     pipe: Any,
     kb: KnowledgeBase,
@@ -214,6 +271,7 @@ def eval_quality(
     seeds: list[int] | None = None,
     chunk: int = 32,
     log: Callable[[str], None] = print,
+    cache: Path | None = None,
 ) -> list[QualityRow]:
     """Full generation and each KB configuration on the same prompts and starting noise, scored by the
     reference model's attribute classifier. Image i starts from seed `seeds[i]` (default: the KB's own
@@ -221,38 +279,16 @@ def eval_quality(
     the baseline; each KB configuration reuses its latents after the key step (the same computation)."""
     from effdiff.kb.retrieval import RetrievalStart, jump_policy
     from effdiff.reference.judge import Adherence, AttributeClassifier
-    from effdiff.runtime.pipeline import Hooks
 
     s = kb.settings
-    seeds = seeds or [s.seeds[i % len(s.seeds)] for i in range(len(scenes))]
+    seeds = seeds or default_seeds(s, len(scenes))
     h, w = pipe.default_size()
     clf = AttributeClassifier()
     rows: list[QualityRow] = []
     schedules = sorted({c.propagation for c in configs} | {"none"}, key=lambda p: p != "none")
     baseline_images: dict[str, list[Any]] = {}
     for prop in schedules:
-        images, key_lat = [], []
-        for start in range(0, len(scenes), chunk):
-            part = scenes[start : start + chunk]
-            unit = entry_noise(pipe, seeds[start : start + chunk], h, w)
-            captured: dict[str, np.ndarray] = {}
-
-            def grab(i: int, _t: float, lat: np.ndarray, into: dict[str, np.ndarray] = captured) -> None:
-                if i + 1 == s.key_step:
-                    into["x"] = lat.copy()
-
-            res = pipe(
-                [sc.prompt for sc in part],
-                s.negative_prompt,
-                steps=s.steps,
-                sampler=s.sampler,
-                guidance_scale=s.guidance,
-                latents=unit,
-                propagation=prop,
-                hooks=Hooks(on_step=grab),
-            )
-            images += res.images
-            key_lat.append(captured["x"])
+        images, key_lat = full_runs(pipe, s, [sc.prompt for sc in scenes], seeds, prop, chunk, cache)
         baseline_images[prop] = images
         name = "full" if prop == "none" else f"fd ({prop})"
         adh = Adherence.of(clf.run(images)[0], scenes)
@@ -287,6 +323,11 @@ def eval_quality(
             rows.append(row)
             log(markdown_table([row]).splitlines()[-1])
     return rows
+
+
+def default_seeds(settings: BuildSettings, count: int) -> list[int]:
+    """The KB's seeds in turn: image i starts from the noise of seed i mod S."""
+    return [settings.seeds[i % len(settings.seeds)] for i in range(count)]
 
 
 def _mean_psnr(images: list[Any], reference: list[Any]) -> float:
