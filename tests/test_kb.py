@@ -467,4 +467,15 @@ def test_quality_evaluation_reuses_the_full_run(pipe: Pipeline, kb: KnowledgeBas
     assert jumped.jumps == {6: 2} and jumped.saved == pytest.approx(4 / 8)
     assert jumped.psnr_db is not None and 0 < jumped.psnr_db < 99
     table = markdown_table(rows)
-    assert "| kb 6 | held-in | 2 | 50.0 % |" in table
+    assert "| kb 6 | held-in | 2 | 50.0 % | 4.0 |" in table  # without propagation every step is one
+
+
+def test_encoder_evaluations_of_a_jump() -> None:
+    from effdiff.kb.evaluate import encoder_evaluations
+
+    assert encoder_evaluations("none", 50, 10, None, "latent") == 50
+    assert encoder_evaluations("none", 50, 10, 30, "latent") == 30
+    assert encoder_evaluations("fd-ddim50", 50, 10, None, "latent") == 9
+    # keys 0,1,2,3,5 before the lookup; after a jump to 30: 30 itself and 35
+    assert encoder_evaluations("fd-ddim50", 50, 10, 30, "latent") == 7
+    assert encoder_evaluations("fd-ddim50", 50, 10, 40, "prompt") == 1

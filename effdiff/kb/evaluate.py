@@ -18,6 +18,7 @@ from effdiff.artifacts import atomic_path
 from effdiff.compare import psnr
 from effdiff.kb.build import LOO_NEIGHBOURS, _same_prompt_groups, entry_noise
 from effdiff.kb.store import BuildSettings, KBManifest, KnowledgeBase, check_kb_files
+from effdiff.runtime.propagation import KeySchedule
 
 # ---------------------------------------------------------------- info
 
@@ -170,6 +171,7 @@ class QualityRow:
     adherence: Any  # effdiff.reference.judge.Adherence
     psnr_db: float | None  # against full generation with the same noise (None for the baseline itself)
     jumps: dict[str, int] = field(default_factory=dict)  # start step (or "full") -> images
+    encoder_evals: int = 0  # UNet-encoder evaluations, all images (the whole UNet counts as one)
 
     @property
     def saved(self) -> float:
@@ -183,6 +185,7 @@ class QualityRow:
             self.split,
             str(self.images),
             f"{100 * self.saved:.1f} %",
+            f"{self.encoder_evals / max(1, self.images):.1f}",
             a.describe("kind"),
             a.describe("colour"),
             "—" if self.psnr_db is None else f"{self.psnr_db:.2f}",
@@ -195,6 +198,7 @@ HEADER = [
     "split",
     "images",
     "UNet steps saved",
+    "encoder evals / image",
     "shape [95 % CI]",
     "colour [95 % CI]",
     "PSNR vs full (dB)",
@@ -295,13 +299,14 @@ def eval_quality(
         full = len(scenes) * s.steps
         ref = baseline_images["none"]
         p = None if prop == "none" else _mean_psnr(images, ref)
-        rows.append(QualityRow(name, split, len(scenes), full, full, adh, p, {"full": len(scenes)}))
+        enc = len(scenes) * len(KeySchedule.parse(prop).run_keys(s.steps))
+        rows.append(QualityRow(name, split, len(scenes), full, full, adh, p, {"full": len(scenes)}, enc))
         log(markdown_table(rows[-1:]).splitlines()[-1])
         for cfg in (c for c in configs if c.propagation == prop):
             runner = RetrievalStart(
                 pipe, kb, cfg.mode, cfg.combine, cfg.neighbours, jump_policy(kb, cfg.jump, cfg.mode)
             )
-            kb_images, steps_run, jumps = [], 0, {}
+            kb_images, steps_run, jumps, enc = [], 0, {}, 0
             for n_chunk, start in enumerate(range(0, len(scenes), chunk)):
                 part = scenes[start : start + chunk]
                 unit = entry_noise(pipe, seeds[start : start + chunk], h, w)
@@ -316,13 +321,23 @@ def eval_quality(
                 for j in res.jumps:
                     k = "full" if j.start_step is None else j.start_step
                     jumps[k] = jumps.get(k, 0) + 1
+                    enc += encoder_evaluations(prop, s.steps, s.key_step, j.start_step, cfg.mode)
             adh = Adherence.of(clf.run(kb_images)[0], scenes)
-            row = QualityRow(
-                cfg.name, split, len(scenes), steps_run, full, adh, _mean_psnr(kb_images, ref), jumps
-            )
+            p = _mean_psnr(kb_images, ref)
+            row = QualityRow(cfg.name, split, len(scenes), steps_run, full, adh, p, jumps, enc)
             rows.append(row)
             log(markdown_table([row]).splitlines()[-1])
     return rows
+
+
+def encoder_evaluations(propagation: str, steps: int, key_step: int, start: int | None, mode: str) -> int:
+    """UNet-encoder evaluations of one image: every step without propagation; with it, the schedule's
+    key steps before the lookup and, after a jump to `start`, that step and the schedule's keys after it."""
+    schedule = KeySchedule.parse(propagation)
+    if start is None:
+        return len(schedule.run_keys(steps))
+    before = len(schedule.run_keys(steps, 0, key_step)) if mode == "latent" else 0
+    return before + len(schedule.run_keys(steps, start))
 
 
 def default_seeds(settings: BuildSettings, count: int) -> list[int]:
