@@ -33,7 +33,7 @@ import numpy as np
 
 from effdiff.export.onnx import export_onnx
 from effdiff.kb.adaptive import default_quantiles
-from effdiff.kb.build import _same_prompt_groups, build_kb
+from effdiff.kb.build import IndexOptions, _same_prompt_groups, build_kb
 from effdiff.kb.evaluate import (
     KBConfig,
     default_seeds,
@@ -196,7 +196,7 @@ def main() -> None:
             [s.prompt for s in disjoint_scenes()],
             args.kb,
             SETTINGS,
-            index_factory=args.index,
+            IndexOptions(args.index),
             checkpoint_every=64,
             batch=32,
             resume=True,

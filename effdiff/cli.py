@@ -332,6 +332,42 @@ def kb_group() -> None:
     """Trajectory knowledge base for retrieval start: build, merge, inspect, evaluate."""
 
 
+def index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that say how a KB's indexes and jump thresholds are made (build, merge, reindex)."""
+    options = [
+        click.option(
+            "--index", default="PCA256,IVF256,PQ16", show_default=True, help="faiss factory for keys"
+        ),
+        click.option(
+            "--prompt-index", help="faiss factory for prompt keys (default: PQ16 or the widest that fits)"
+        ),
+        click.option("--nprobe", default=16, show_default=True, type=int, help="IVF lists visited per query"),
+        click.option(
+            "--shortlist", default=64, show_default=True, type=int, help="candidates re-ranked exactly"
+        ),
+        click.option("--jump-quantiles", help="one per value step, falling (default 0.95 .. 0.6)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _index(
+    index: str, prompt_index: str | None, nprobe: int, shortlist: int, jump_quantiles: str | None
+) -> Any:
+    from effdiff.kb.build import IndexOptions
+    from effdiff.kb.retrieval import as_float_list
+
+    quantiles = as_float_list(jump_quantiles) if jump_quantiles else None
+    return IndexOptions(index, prompt_index, nprobe, shortlist, quantiles)
+
+
+def _echo_build(report: Any) -> None:
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(report.summary())
+
+
 @kb_group.command("build")
 @click.option(
     "--artifacts", required=True, type=click.Path(path_type=Path), help="folder from effdiff-export"
@@ -347,15 +383,7 @@ def kb_group() -> None:
 @click.option("--negative-prompt", default="", show_default=True)
 @click.option("--key-step", default=10, show_default=True, type=int)
 @click.option("--value-steps", default="20,25,30", show_default=True)
-@click.option(
-    "--index", "index_factory", default="PCA256,IVF256,PQ16", show_default=True, help="faiss factory"
-)
-@click.option(
-    "--prompt-index", help="faiss factory for prompt keys (default PQ16 or the widest PQ that fits)"
-)
-@click.option("--nprobe", default=16, show_default=True, type=int, help="IVF lists visited per query")
-@click.option("--shortlist", default=64, show_default=True, type=int, help="candidates re-ranked exactly")
-@click.option("--jump-quantiles", help="one per value step, falling (default 0.95 .. 0.6)")
+@index_options
 @click.option("--batch", default=32, show_default=True, type=int, help="entries per runtime call")
 @click.option("--checkpoint-every", default=256, show_default=True, type=int, help="entries per checkpoint")
 @click.option("--shard", help="i/n: build the i-th of n parts (join them with `effdiff kb merge`)")
@@ -376,7 +404,7 @@ def kb_build_cmd(
     negative_prompt: str,
     key_step: int,
     value_steps: str,
-    index_factory: str,
+    index: str,
     prompt_index: str | None,
     nprobe: int,
     shortlist: int,
@@ -392,7 +420,7 @@ def kb_build_cmd(
 ) -> None:
     """Generate trajectories for prompts x seeds and store keys, values and faiss indexes on disk."""
     from effdiff.kb.build import build_kb, parse_shard, read_prompts
-    from effdiff.kb.retrieval import as_float_list, as_int_list
+    from effdiff.kb.retrieval import as_int_list
     from effdiff.kb.store import BuildSettings
 
     settings = BuildSettings(
@@ -412,59 +440,40 @@ def kb_build_cmd(
         read_prompts(prompts_file),
         out,
         settings,
-        index_factory=index_factory,
-        prompt_index_factory=prompt_index,
+        _index(index, prompt_index, nprobe, shortlist, jump_quantiles),
         shard=parse_shard(shard) if shard else None,
         resume=resume,
         checkpoint_every=checkpoint_every,
         batch=batch,
         precision=precision,
-        nprobe=nprobe,
-        shortlist=shortlist,
-        jump_quantiles=as_float_list(jump_quantiles) if jump_quantiles else None,
         progress=not quiet,
         log=lambda m: click.echo(m, err=True),
     )
-    for note in report.notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(report.summary())
+    _echo_build(report)
 
 
 @kb_group.command("merge")
 @click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--index", "index_factory", default="PCA256,IVF256,PQ16", show_default=True)
-@click.option("--prompt-index")
-@click.option("--nprobe", default=16, show_default=True, type=int)
-@click.option("--shortlist", default=64, show_default=True, type=int)
-@click.option("--jump-quantiles")
+@index_options
 @user_errors
-def kb_merge_cmd(
-    parts: tuple[Path, ...],
-    out: Path,
-    index_factory: str,
-    prompt_index: str | None,
-    nprobe: int,
-    shortlist: int,
-    jump_quantiles: str | None,
-) -> None:
+def kb_merge_cmd(parts: tuple[Path, ...], out: Path, **index: Any) -> None:
     """Join the parts of a sharded build (`kb build --shard i/n`) into one knowledge base."""
     from effdiff.kb.build import merge_kb
-    from effdiff.kb.retrieval import as_float_list
 
-    report = merge_kb(
-        list(parts),
-        out,
-        index_factory,
-        prompt_index,
-        nprobe,
-        shortlist,
-        as_float_list(jump_quantiles) if jump_quantiles else None,
-        log=lambda m: click.echo(m, err=True),
-    )
-    for note in report.notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(report.summary())
+    _echo_build(merge_kb(list(parts), out, _index(**index), log=lambda m: click.echo(m, err=True)))
+
+
+@kb_group.command("reindex")
+@click.argument("kb", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="new knowledge-base folder")
+@index_options
+@user_errors
+def kb_reindex_cmd(kb: Path, out: Path, **index: Any) -> None:
+    """Copy a knowledge base with other indexes or jump quantiles (no trajectories generated again)."""
+    from effdiff.kb.build import reindex_kb
+
+    _echo_build(reindex_kb(kb, out, _index(**index), log=lambda m: click.echo(m, err=True)))
 
 
 @kb_group.command("info")
@@ -514,40 +523,3 @@ def kb_eval_cmd(kb: Path, queries: int, artifacts: Path | None, count: int, jump
     for split, scenes in (("held-in", held_in_scenes(count)), ("held-out", held_out_scenes())):
         rows += eval_quality(pipe, knowledge, scenes, split, configs, log=lambda m: click.echo(m, err=True))
     click.echo(markdown_table(rows))
-
-
-@kb_group.command("reindex")
-@click.argument("kb", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="new knowledge-base folder")
-@click.option("--index", "index_factory", default="PCA256,IVF256,PQ16", show_default=True)
-@click.option("--prompt-index")
-@click.option("--nprobe", default=16, show_default=True, type=int)
-@click.option("--shortlist", default=64, show_default=True, type=int)
-@click.option("--jump-quantiles")
-@user_errors
-def kb_reindex_cmd(
-    kb: Path,
-    out: Path,
-    index_factory: str,
-    prompt_index: str | None,
-    nprobe: int,
-    shortlist: int,
-    jump_quantiles: str | None,
-) -> None:
-    """Copy a knowledge base with other indexes or jump quantiles (no trajectories generated again)."""
-    from effdiff.kb.build import reindex_kb
-    from effdiff.kb.retrieval import as_float_list
-
-    report = reindex_kb(
-        kb,
-        out,
-        index_factory,
-        prompt_index,
-        nprobe,
-        shortlist,
-        as_float_list(jump_quantiles) if jump_quantiles else None,
-        log=lambda m: click.echo(m, err=True),
-    )
-    for note in report.notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(report.summary())

@@ -16,7 +16,7 @@ import pytest
 
 from effdiff.errors import EffdiffError
 from effdiff.kb.adaptive import JumpPolicy
-from effdiff.kb.build import build_kb, merge_kb
+from effdiff.kb.build import IndexOptions, build_kb, merge_kb
 from effdiff.kb.evaluate import eval_index, kb_info
 from effdiff.kb.retrieval import RetrievalStart, jump_policy
 from effdiff.kb.store import KB_MANIFEST, PARTIAL, BuildSettings, KBManifest, KnowledgeBase
@@ -33,7 +33,7 @@ PROMPTS = [
 SEEDS = (0, 1)
 STEPS = 8
 SETTINGS = BuildSettings(steps=STEPS, guidance=5.0, key_step=2, value_steps=(4, 6), seeds=SEEDS)
-SMALL_INDEX = dict(index_factory="PCA16,PQ4x4", prompt_index_factory="PQ4x4")
+SMALL = IndexOptions("PCA16,PQ4x4", "PQ4x4")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def kb_folder(sd1_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         batch=5,
         progress=False,
         log=lambda _m: None,
-        **SMALL_INDEX,
+        index=SMALL,
     )
     assert report.entries == report.generated == len(PROMPTS) * len(SEEDS)
     return out
@@ -182,8 +182,7 @@ def test_mixed_batch_with_multistep_sampler(pipe: Pipeline, sd1_artifacts: Path,
         settings,
         progress=False,
         log=lambda _m: None,
-        index_factory="Flat",
-        prompt_index_factory="Flat",
+        index=IndexOptions("Flat", "Flat"),
     )
     kb = KnowledgeBase.open(out)
     runner = RetrievalStart(pipe, kb, combine="nearest", policy=JumpPolicy((4,), (0.05,)))
@@ -314,25 +313,17 @@ def test_shards_merge_into_the_same_kb(sd1_artifacts: Path, kb: KnowledgeBase, t
             batch=8,
             progress=False,
             log=lambda _m: None,
-            **SMALL_INDEX,
+            index=SMALL,
         )
         assert rep.kind == "part" and rep.entries == 8
         parts.append(part)
     with pytest.raises(EffdiffError, match="part 0"):
         KnowledgeBase.open(parts[1])
     with pytest.raises(EffdiffError, match=r"missing \[2\]"):
-        merge_kb(parts[:2], tmp_path / "bad", index_factory="PCA16,PQ4x4", prompt_index_factory="PQ4x4")
+        merge_kb(parts[:2], tmp_path / "bad", SMALL)
     with pytest.raises(EffdiffError, match=r"repeated \[1\]"):
-        merge_kb(
-            [*parts, parts[0]], tmp_path / "bad", index_factory="PCA16,PQ4x4", prompt_index_factory="PQ4x4"
-        )
-    merged = merge_kb(
-        parts,
-        tmp_path / "merged",
-        index_factory="PCA16,PQ4x4",
-        prompt_index_factory="PQ4x4",
-        log=lambda _m: None,
-    )
+        merge_kb([*parts, parts[0]], tmp_path / "bad", SMALL)
+    merged = merge_kb(parts, tmp_path / "merged", SMALL, log=lambda _m: None)
     assert merged.entries == 24
     m = KnowledgeBase.open(tmp_path / "merged")
     np.testing.assert_array_equal(m.entries, kb.entries)
@@ -346,8 +337,7 @@ def test_small_kb_and_a_big_index_fail_in_one_line(sd1_artifacts: Path, tmp_path
             PROMPTS,
             tmp_path / "big",
             SETTINGS,
-            index_factory="PCA256,IVF256,PQ16",
-            prompt_index_factory="PQ4x4",
+            IndexOptions("PCA256,IVF256,PQ16", "PQ4x4"),
             progress=False,
             log=lambda _m: None,
         )
@@ -360,7 +350,7 @@ def test_small_kb_and_a_big_index_fail_in_one_line(sd1_artifacts: Path, tmp_path
         resume=True,
         progress=False,
         log=lambda _m: None,
-        **SMALL_INDEX,
+        index=SMALL,
     )
     assert rep.generated == 0 and rep.entries == 24
 

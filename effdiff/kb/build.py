@@ -107,6 +107,27 @@ def default_prompt_factory(dim: int) -> str:
     return f"PQ{m}"
 
 
+@dataclass(frozen=True)
+class IndexOptions:
+    """How the searchable part of a KB is made from its entries (build, merge and reindex alike)."""
+
+    factory: str = DEFAULT_FACTORY  # faiss factory string for the keys
+    prompt_factory: str | None = None  # for prompt keys; None: PQ with up to 16 sub-quantizers
+    nprobe: int = 16  # IVF lists visited per query
+    shortlist: int = 64  # candidates re-ranked exactly from the float16 keys
+    jump_quantiles: tuple[float, ...] | None = None  # one per value step; None: 0.95 .. 0.6
+
+    def check(self, value_steps: tuple[int, ...]) -> None:
+        for name in ("nprobe", "shortlist"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EffdiffError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.jump_quantiles is not None and len(self.jump_quantiles) != len(value_steps):
+            raise EffdiffError(
+                f"{len(self.jump_quantiles)} jump quantiles for {len(value_steps)} value steps; give one each"
+            )
+
+
 @dataclass
 class BuildReport:
     out: Path
@@ -238,16 +259,12 @@ def build_kb(
     prompts: list[str],
     out: Path,
     settings: BuildSettings,
-    index_factory: str = DEFAULT_FACTORY,
-    prompt_index_factory: str | None = None,
+    index: IndexOptions = IndexOptions(),
     shard: tuple[int, int] | None = None,
     resume: bool = False,
     checkpoint_every: int = 256,
     batch: int = 32,
     precision: str | None = None,
-    nprobe: int = 16,
-    shortlist: int = 64,
-    jump_quantiles: tuple[float, ...] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> BuildReport:
@@ -260,13 +277,10 @@ def build_kb(
     settings.check()
     if not prompts or not all(isinstance(p, str) and p.strip() and "\n" not in p for p in prompts):
         raise EffdiffError("prompts must be a non-empty list of one-line, non-blank strings")
-    for name, value in (("checkpoint_every", checkpoint_every), ("batch", batch), ("shortlist", shortlist)):
+    for name, value in (("checkpoint_every", checkpoint_every), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise EffdiffError(f"{name} must be an integer >= 1, got {value!r}")
-    if jump_quantiles is not None and len(jump_quantiles) != len(settings.value_steps):
-        raise EffdiffError(
-            f"{len(jump_quantiles)} jump quantiles for {len(settings.value_steps)} value steps; give one each"
-        )
+    index.check(settings.value_steps)
     manifest = Manifest.read(Path(artifacts))
     chosen = manifest.default_precision().value if precision is None else precision
     total = len(prompts) * len(settings.seeds)
@@ -371,8 +385,7 @@ def build_kb(
             kb_manifest.files = record_files(out, [PROMPTS, *ARRAYS])
             kb_manifest.write(out)  # last
         else:
-            search = (nprobe, shortlist, jump_quantiles)
-            _finalize(out, kb_manifest, index_factory, prompt_index_factory, search, report, log)
+            _finalize(out, kb_manifest, index, report, log)
         shutil.rmtree(partial)
     report.seconds = time.perf_counter() - started
     return report
@@ -401,32 +414,31 @@ def _rel_error(pred: np.ndarray, true: np.ndarray) -> float:
 def _finalize(
     out: Path,
     manifest: KBManifest,
-    index_factory: str,
-    prompt_index_factory: str | None,
-    search: tuple[int, int, tuple[float, ...] | None],
+    options: IndexOptions,
     report: BuildReport,
     log: Callable[[str], None],
 ) -> None:
-    """Train and fill both indexes, derive the jump thresholds, record every file, write kb.json last.
-    `search` is (nprobe, shortlist, jump quantiles or None for the defaults)."""
-    nprobe, shortlist, jump_quantiles = search
+    """Train and fill both indexes, derive the jump thresholds, record every file, write kb.json last."""
+    options.check(manifest.settings.value_steps)
     keys = np.load(out / KEYS, mmap_mode="r")
     pkeys = np.load(out / PROMPT_KEYS, mmap_mode="r")
     entries = np.load(out / ENTRIES)
     n = len(keys)
     rng = np.random.default_rng(0)
     train_ids = np.sort(rng.choice(n, min(n, MAX_TRAIN), replace=False))
-    prompt_index_factory = prompt_index_factory or default_prompt_factory(pkeys.shape[1])
+    prompt_factory = options.prompt_factory or default_prompt_factory(pkeys.shape[1])
     infos = {}
     for name, factory, rows, what in (
-        (INDEX, index_factory, keys, "keys"),
-        (PROMPT_INDEX, prompt_index_factory, pkeys, "prompt keys"),
+        (INDEX, options.factory, keys, "keys"),
+        (PROMPT_INDEX, prompt_factory, pkeys, "prompt keys"),
     ):
         t0 = time.perf_counter()
         index, note = train_index(factory, np.asarray(rows[train_ids], np.float32), what)
         add_in_chunks(index, rows)
         write_index(index, out / name)
-        infos[name] = describe(index, factory, out / name, nprobe, shortlist, len(train_ids), note)
+        infos[name] = describe(
+            index, factory, out / name, options.nprobe, options.shortlist, len(train_ids), note
+        )
         if note:
             report.notes.append(f"{what} index: {note}")
         log(f"{what} index {factory}: trained and filled in {time.perf_counter() - t0:.1f}s")
@@ -445,7 +457,7 @@ def _finalize(
     with atomic_path(out / LOO) as tmp, tmp.open("wb") as fh:
         np.save(fh, loo)
     steps = manifest.settings.value_steps
-    quantiles = tuple(jump_quantiles) if jump_quantiles else default_quantiles(len(steps))
+    quantiles = options.jump_quantiles or default_quantiles(len(steps))
     adaptive: dict[str, Any] = {}
     for col, space in enumerate(("latent", "prompt")):
         d = loo[:, col]
@@ -487,11 +499,7 @@ def _finalize(
 def merge_kb(
     parts: list[Path],
     out: Path,
-    index_factory: str = DEFAULT_FACTORY,
-    prompt_index_factory: str | None = None,
-    nprobe: int = 16,
-    shortlist: int = 64,
-    jump_quantiles: tuple[float, ...] | None = None,
+    index: IndexOptions = IndexOptions(),
     log: Callable[[str], None] = print,
 ) -> BuildReport:
     """Join the parts of a sharded build (every shard exactly once, any order) into one searchable KB.
@@ -555,8 +563,7 @@ def merge_kb(
             build={"merged_parts": count, **{k: v for k, v in first.build.items() if k != "seconds"}},
         )
         report = BuildReport(out, "kb", total, 0, total, 0.0)
-        search = (nprobe, shortlist, jump_quantiles)
-        _finalize(out, merged, index_factory, prompt_index_factory, search, report, log)
+        _finalize(out, merged, index, report, log)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -564,11 +571,7 @@ def merge_kb(
 def reindex_kb(
     source: Path,
     out: Path,
-    index_factory: str = DEFAULT_FACTORY,
-    prompt_index_factory: str | None = None,
-    nprobe: int = 16,
-    shortlist: int = 64,
-    jump_quantiles: tuple[float, ...] | None = None,
+    index: IndexOptions = IndexOptions(),
     log: Callable[[str], None] = print,
 ) -> BuildReport:
     """A copy of a KB's entries in `out` with other indexes, search options or jump quantiles: trying
@@ -588,7 +591,6 @@ def reindex_kb(
                 shutil.copyfile(source / name, tmp)
         fresh = dataclasses.replace(manifest, files={}, index=None, prompt_index=None, adaptive={})
         report = BuildReport(out, "kb", manifest.entries, 0, manifest.entries, 0.0)
-        search = (nprobe, shortlist, jump_quantiles)
-        _finalize(out, fresh, index_factory, prompt_index_factory, search, report, log)
+        _finalize(out, fresh, index, report, log)
     report.seconds = time.perf_counter() - started
     return report

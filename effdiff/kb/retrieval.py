@@ -15,6 +15,7 @@ continued as one group per start step; images come back in their original order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -138,7 +139,8 @@ class RetrievalStart:
         value is refused). `latents` are unit noise (B, C, h, w); else `seed` draws them.
         `key_latents`: the latents after the key step of a run with the same noise, prompts and
         propagation, when the caller has them (evaluation compares with full runs that pass through the
-        key step anyway); those steps are still counted as run."""
+        key step anyway); those steps are still counted as run. With a multistep sampler the images
+        that do not jump then restart its history at the key step."""
         pipe, kb, s = self.pipe, self.kb, self.kb.settings
         kb.check_compatible(pipe.manifest, sampler, steps, guidance_scale)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -151,13 +153,12 @@ class RetrievalStart:
         unit = pipe.initial_noise(batch, height, width, seed, latents)
         kb.check_compatible(pipe.manifest, latent_shape=unit.shape[1:])
         usage = Usage()
-        monitor = None
+        monitor: Any = contextlib.nullcontext()
         if measure_memory:
             from effdiff.profiling import PeakRSS
 
             monitor = PeakRSS()
-            monitor.__enter__()
-        try:
+        with monitor:
             t0 = time.perf_counter()
             cond = pipe.encode_prompt(prompts, negative, num_images, s.guidance, hooks, usage)
             x = unit * np.float32(plan.scheduler.init_noise_sigma)
@@ -170,7 +171,6 @@ class RetrievalStart:
                     if key_latents.shape != x.shape:
                         raise EffdiffError(f"key_latents must have shape {x.shape}, got {key_latents.shape}")
                     x = np.asarray(key_latents, x.dtype)
-                    plan.scheduler.set_timesteps(s.steps)
                 queries = x.reshape(batch, -1)
                 space = "latent"
             else:
@@ -202,9 +202,6 @@ class RetrievalStart:
                 )
             images = pipe.decode(final, vae_tile, hooks, usage)
             total = time.perf_counter() - t0
-        finally:
-            if monitor is not None:
-                monitor.__exit__(None, None, None)
         timings = {k: round(v, 6) for k, v in usage.seconds.items()}
         timings["kb_lookup"] = lookup_s
         timings["overhead"] = max(0.0, total - usage.load_seconds - sum(usage.seconds.values()) - lookup_s)
@@ -225,7 +222,7 @@ class RetrievalStart:
             timings,
             dict(usage.calls),
             plan.schedule.run_keys(plan.steps),
-            monitor.peak_gib if monitor is not None else None,
+            monitor.peak_gib if measure_memory else None,
             info={"policy": self.policy.label, "combine": self.combine},
             jumps=jumps,
             steps=s.steps,
