@@ -380,6 +380,15 @@ def test_cli_generate_info_and_eval(sd1_artifacts: Path, kb_folder: Path, tmp_pa
     ev = run("effdiff", "kb", "eval", str(kb_folder), "--queries", "24")
     assert ev.returncode == 0, ev.stderr
     assert "recall@1 1.000" in ev.stdout and "lookup latency per query" in ev.stdout
+    flat = tmp_path / "flat"
+    args = ["--index", "Flat", "--prompt-index", "Flat", "--jump-quantiles", "0.9,0.5"]
+    re = run("effdiff", "kb", "reindex", str(kb_folder), "--out", str(flat), *args)
+    assert re.returncode == 0 and "24 entries (0 generated now" in re.stdout, re.stderr
+    info = run("effdiff", "kb", "info", str(flat), "--checksum")
+    assert "index type: Flat" in info.stdout and "quantiles 0.9,0.5" in info.stdout, info.stdout
+    assert_one_line_error(
+        run("effdiff", "kb", "reindex", str(kb_folder), "--out", str(flat)), "already holds"
+    )
 
 
 def test_cli_bad_input_is_one_line(
