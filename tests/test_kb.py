@@ -21,6 +21,7 @@ from effdiff.kb.evaluate import eval_index, kb_info
 from effdiff.kb.retrieval import RetrievalStart, jump_policy
 from effdiff.kb.store import KB_MANIFEST, PARTIAL, BuildSettings, KBManifest, KnowledgeBase
 from effdiff.runtime.pipeline import Pipeline
+from effdiff.specs import Precision
 
 from .test_cli import BIN, assert_one_line_error, run
 
@@ -219,6 +220,15 @@ def test_composes_with_encoder_propagation(pipe: Pipeline, kb: KnowledgeBase) ->
     # encoder at keys 0 (before the lookup), then at 4 (the restart) and 6 (the schedule's)
     assert res.calls["unet_encoder"] == 3 and res.calls.get("unet", 0) == 0
     assert res.jumps[0].start_step == 4 and np.isfinite(res.latents).all()
+
+
+def test_composes_with_the_cache_recipe(pipe: Pipeline, kb: KnowledgeBase) -> None:
+    runner = RetrievalStart(pipe, kb, combine="nearest", policy=JumpPolicy.fixed(4))
+    res = runner([PROMPTS[0]], latents=noise(pipe, [0]), propagation="cache:3", noise_injection=None)
+    # the deep path at keys 0 (before the lookup), 4 (the restart) and 6 (the schedule's); shallow between
+    assert res.calls["unet_deep"] == 3
+    assert res.calls["unet_deep"] + res.calls["unet_shallow"] == res.jumps[0].unet_steps
+    assert res.calls.get("unet", 0) == 0 and np.isfinite(res.latents).all()
 
 
 def test_runtime_refuses_a_kb_for_another_run(pipe: Pipeline, kb: KnowledgeBase, sd2_artifacts: Path) -> None:
@@ -429,10 +439,12 @@ def test_cli_bad_input_is_one_line(
 def test_bench_accepts_kb_configurations(kb_folder: Path) -> None:
     from effdiff.bench.harness import parse_configs
 
-    configs = parse_configs(["kb", "fd+kb"], "ddim", 50, kb=kb_folder)
-    assert [c.name for c in configs] == ["full", "kb", "fd+kb"]
+    configs = parse_configs(["kb", "fd+kb", "kb+cache:3", "kb+fd+int8"], "ddim", 50, kb=kb_folder)
+    assert [c.name for c in configs] == ["full", "kb", "fd+kb", "kb+cache:3", "kb+fd+int8"]
     assert configs[1].kb == kb_folder and not configs[1].propagation.propagates
-    assert configs[2].propagation.propagates
+    assert configs[2].propagation.propagates and configs[0].kb is None
+    assert configs[3].propagation.recipe == "cache" and configs[3].kb == kb_folder
+    assert configs[4].precision is Precision.INT8 and configs[4].kb == kb_folder
     with pytest.raises(EffdiffError, match="needs a knowledge base"):
         parse_configs(["kb"], "ddim", 50)
 
