@@ -292,9 +292,12 @@ def generate_cmd(
 
         knowledge = KnowledgeBase.open(kb)
         s = knowledge.settings
-        steps, sampler = steps or s.steps, sampler or s.sampler
+        steps = s.steps if steps is None else steps
+        sampler = s.sampler if sampler is None else sampler
         guidance = s.guidance if guidance is None else guidance
-    steps, sampler = steps or 50, sampler or "ddim"
+    # `is None`, not `or`: an explicit 0 or "" is a mistake to report, not a request for the default
+    steps = 50 if steps is None else steps
+    sampler = "ddim" if sampler is None else sampler
     guidance = 7.5 if guidance is None else guidance
     schedule = KeySchedule.parse(propagation)
     schedule.key_steps(steps)  # cheap checks before sessions load: steps, key steps, sampler
