@@ -224,9 +224,9 @@ def export_int8_cmd(
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="PNG to write (a grid if several)"
 )
-@click.option("--steps", default=50, show_default=True, type=int)
-@click.option("--sampler", default="ddim", show_default=True, help="ddim, dpmpp-2m or euler")
-@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--steps", type=int, help="default 50, or the knowledge base's")
+@click.option("--sampler", help="ddim, dpmpp-2m or euler (default ddim, or the knowledge base's)")
+@click.option("--guidance", type=float, help="default 7.5, or the knowledge base's")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--height", type=int, help="pixels (default: the export size)")
 @click.option("--width", type=int, help="pixels (default: the export size)")
@@ -252,6 +252,13 @@ def export_int8_cmd(
 )
 @click.option("--vae-tile", type=int, help="decode the VAE in latent tiles of this size")
 @click.option("--providers", help="comma-separated onnxruntime execution providers")
+@click.option("--kb", type=click.Path(path_type=Path), help="start from a knowledge base (effdiff kb build)")
+@click.option("--kb-mode", default="latent", show_default=True, type=click.Choice(["latent", "prompt"]))
+@click.option(
+    "--kb-jump", default="adaptive", show_default=True, help="adaptive, adaptive:Q1,..., none or a step"
+)
+@click.option("--kb-combine", default="lstsq", show_default=True, type=click.Choice(["lstsq", "nearest"]))
+@click.option("--kb-neighbours", default=4, show_default=True, type=int)
 @click.option("--quiet", is_flag=True)
 @user_errors
 def generate_cmd(
@@ -259,9 +266,9 @@ def generate_cmd(
     prompt: str,
     negative_prompt: str,
     out: Path,
-    steps: int,
-    sampler: str,
-    guidance: float,
+    steps: int | None,
+    sampler: str | None,
+    guidance: float | None,
     seed: int,
     height: int | None,
     width: int | None,
@@ -275,6 +282,11 @@ def generate_cmd(
     memory_budget: str | None,
     vae_tile: int | None,
     providers: str | None,
+    kb: Path | None,
+    kb_mode: str,
+    kb_jump: str,
+    kb_combine: str,
+    kb_neighbours: int,
     quiet: bool,
 ) -> None:
     """Text to image from exported artifacts (numpy + onnxruntime only)."""
@@ -285,6 +297,16 @@ def generate_cmd(
     from effdiff.runtime.schedulers import sampler_class
 
     check_writable_file(out, ".png")
+    knowledge = None
+    if kb is not None:
+        from effdiff.kb.store import KnowledgeBase
+
+        knowledge = KnowledgeBase.open(kb)
+        s = knowledge.settings
+        steps, sampler = steps or s.steps, sampler or s.sampler
+        guidance = s.guidance if guidance is None else guidance
+    steps, sampler = steps or 50, sampler or "ddim"
+    guidance = 7.5 if guidance is None else guidance
     schedule = KeySchedule.parse(propagation)
     schedule.key_steps(steps)  # cheap checks before sessions load: steps, key steps, sampler
     sampler_class(sampler)
@@ -301,7 +323,13 @@ def generate_cmd(
         precision=precision,
         memory_budget=memory_budget,
     )
-    result = pipe(
+    run: Any = pipe
+    if knowledge is not None:
+        from effdiff.kb.retrieval import RetrievalStart, jump_policy
+
+        policy = jump_policy(knowledge, kb_jump, kb_mode)
+        run = RetrievalStart(pipe, knowledge, kb_mode, kb_combine, kb_neighbours, policy)
+    result = run(
         prompt,
         negative_prompt,
         steps=steps,
@@ -327,10 +355,13 @@ def generate_cmd(
     )
     if "memory_plan" in result.info:
         click.echo(result.info["memory_plan"])
-    click.echo(
+    line = (
         f"wrote {out}: total {t['total']:.2f}s ({parts}; session load {t['load']:.2f}s), "
         f"peak RSS {result.peak_rss_gib:.2f} GiB"
     )
+    if knowledge is not None:
+        line += f"; {result.summary(knowledge.settings.key_step)}, lookup {t['kb_lookup'] * 1e3:.1f} ms"
+    click.echo(line)
 
 
 @main.command("profile-memory")
@@ -392,7 +423,7 @@ def verify_cmd(artifacts: Path, quick: bool) -> None:
     "--configs",
     default="full,fd",
     show_default=True,
-    help="full, fd, fd:SCHEDULE, cache:N, joined with +int8 (comma-separated)",
+    help="full, fd, fd:SCHEDULE, cache:N, joined with int8 and kb by + (comma-separated)",
 )
 @click.option("--prompt", "prompts", multiple=True, help="repeatable; default: one SD-style prompt")
 @click.option("--sampler", default="ddim", show_default=True)
@@ -404,6 +435,9 @@ def verify_cmd(artifacts: Path, quick: bool) -> None:
 @click.option("--repeat", default=3, show_default=True, type=int)
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--peers", default="", help="diffusers,deepcache (same model, steps, sampler and latents)")
+@click.option(
+    "--kb", type=click.Path(path_type=Path), help="knowledge base for the kb and fd+kb configurations"
+)
 @click.option("--providers", help="comma-separated onnxruntime execution providers")
 @click.option(
     "--backend", default="ort", show_default=True, help="ort, torch, trt (comma-separated: compared)"
@@ -424,6 +458,7 @@ def bench_cmd(
     repeat: int,
     warmup: int,
     peers: str,
+    kb: Path | None,
     providers: str | None,
     backend: str,
     out: Path,
@@ -460,7 +495,7 @@ def bench_cmd(
     report = run_bench(
         artifacts,
         with_backends(
-            parse_configs([c for c in configs.split(",") if c], sampler, steps),
+            parse_configs([c for c in configs.split(",") if c], sampler, steps, kb),
             [b for b in backend.split(",") if b],
         ),
         settings,
@@ -547,3 +582,204 @@ def export_coreml_cmd(artifacts: Path, precision: str, palettize: str | None, qu
     click.echo(
         "packages recorded in the manifest; prediction needs macOS (`Pipeline.load(..., backend='coreml')`)"
     )
+
+
+# ---------------------------------------------------------------- knowledge base
+
+
+@main.group("kb")
+def kb_group() -> None:
+    """Trajectory knowledge base for retrieval start: build, merge, inspect, evaluate."""
+
+
+def index_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that say how a KB's indexes and jump thresholds are made (build, merge, reindex)."""
+    options = [
+        click.option(
+            "--index", default="PCA256,IVF256,PQ16", show_default=True, help="faiss factory for keys"
+        ),
+        click.option(
+            "--prompt-index", help="faiss factory for prompt keys (default: PQ16 or the widest that fits)"
+        ),
+        click.option("--nprobe", default=16, show_default=True, type=int, help="IVF lists visited per query"),
+        click.option(
+            "--shortlist", default=64, show_default=True, type=int, help="candidates re-ranked exactly"
+        ),
+        click.option("--jump-quantiles", help="one per value step, falling (default 0.95 .. 0.6)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _index(
+    index: str, prompt_index: str | None, nprobe: int, shortlist: int, jump_quantiles: str | None
+) -> Any:
+    from effdiff.kb.build import IndexOptions
+    from effdiff.kb.retrieval import as_float_list
+
+    quantiles = as_float_list(jump_quantiles) if jump_quantiles else None
+    return IndexOptions(index, prompt_index, nprobe, shortlist, quantiles)
+
+
+def _echo_build(report: Any) -> None:
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(report.summary())
+
+
+@kb_group.command("build")
+@click.option(
+    "--artifacts", required=True, type=click.Path(path_type=Path), help="folder from effdiff-export"
+)
+@click.option(
+    "--prompts", "prompts_file", required=True, type=click.Path(path_type=Path), help="one per line"
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="knowledge-base folder to write")
+@click.option("--seeds", default="0", show_default=True, help="starting-noise seeds per prompt, e.g. 0,1,2")
+@click.option("--steps", default=50, show_default=True, type=int)
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--negative-prompt", default="", show_default=True)
+@click.option("--key-step", default=10, show_default=True, type=int)
+@click.option("--value-steps", default="20,25,30", show_default=True)
+@index_options
+@click.option("--batch", default=32, show_default=True, type=int, help="entries per runtime call")
+@click.option("--checkpoint-every", default=256, show_default=True, type=int, help="entries per checkpoint")
+@click.option("--shard", help="i/n: build the i-th of n parts (join them with `effdiff kb merge`)")
+@click.option("--resume", is_flag=True, help="continue an interrupted build from its checkpoints")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--quiet", is_flag=True)
+@user_errors
+def kb_build_cmd(
+    artifacts: Path,
+    prompts_file: Path,
+    out: Path,
+    seeds: str,
+    steps: int,
+    sampler: str,
+    guidance: float,
+    negative_prompt: str,
+    key_step: int,
+    value_steps: str,
+    index: str,
+    prompt_index: str | None,
+    nprobe: int,
+    shortlist: int,
+    jump_quantiles: str | None,
+    batch: int,
+    checkpoint_every: int,
+    shard: str | None,
+    resume: bool,
+    precision: str | None,
+    height: int | None,
+    width: int | None,
+    quiet: bool,
+) -> None:
+    """Generate trajectories for prompts x seeds and store keys, values and faiss indexes on disk."""
+    from effdiff.kb.build import build_kb, parse_shard, read_prompts
+    from effdiff.kb.retrieval import as_int_list
+    from effdiff.kb.store import BuildSettings
+
+    settings = BuildSettings(
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        key_step=key_step,
+        value_steps=as_int_list(value_steps),
+        seeds=as_int_list(seeds),
+        negative_prompt=negative_prompt,
+        height=height,
+        width=width,
+    )
+    settings.check()  # before the prompts or the artifacts are read
+    report = build_kb(
+        artifacts,
+        read_prompts(prompts_file),
+        out,
+        settings,
+        _index(index, prompt_index, nprobe, shortlist, jump_quantiles),
+        shard=parse_shard(shard) if shard else None,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        batch=batch,
+        precision=precision,
+        progress=not quiet,
+        log=lambda m: click.echo(m, err=True),
+    )
+    _echo_build(report)
+
+
+@kb_group.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@index_options
+@user_errors
+def kb_merge_cmd(parts: tuple[Path, ...], out: Path, **index: Any) -> None:
+    """Join the parts of a sharded build (`kb build --shard i/n`) into one knowledge base."""
+    from effdiff.kb.build import merge_kb
+
+    _echo_build(merge_kb(list(parts), out, _index(**index), log=lambda m: click.echo(m, err=True)))
+
+
+@kb_group.command("reindex")
+@click.argument("kb", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="new knowledge-base folder")
+@index_options
+@user_errors
+def kb_reindex_cmd(kb: Path, out: Path, **index: Any) -> None:
+    """Copy a knowledge base with other indexes or jump quantiles (no trajectories generated again)."""
+    from effdiff.kb.build import reindex_kb
+
+    _echo_build(reindex_kb(kb, out, _index(**index), log=lambda m: click.echo(m, err=True)))
+
+
+@kb_group.command("info")
+@click.argument("kb", type=click.Path(path_type=Path))
+@click.option("--checksum", is_flag=True, help="also check every file's sha256")
+@user_errors
+def kb_info_cmd(kb: Path, checksum: bool) -> None:
+    """Entries, bytes per entry in RAM and on disk, index type, steps and jump thresholds."""
+    from effdiff.kb.evaluate import kb_info
+
+    for line in kb_info(kb, checksum).lines():
+        click.echo(line)
+
+
+@kb_group.command("eval")
+@click.argument("kb", type=click.Path(path_type=Path))
+@click.option("--queries", default=200, show_default=True, type=int, help="held-out lookups for recall")
+@click.option("--artifacts", type=click.Path(path_type=Path), help="reference-model artifacts: adds quality")
+@click.option("--count", default=192, show_default=True, type=int, help="held-in scenes scored")
+@click.option("--jump", default="adaptive", show_default=True, help="as generate --kb-jump")
+@user_errors
+def kb_eval_cmd(kb: Path, queries: int, artifacts: Path | None, count: int, jump: str) -> None:
+    """Recall@1/@10 against exact search and lookup latency; with --artifacts of the reference model,
+    UNet evaluations saved against adherence and PSNR on held-in and held-out prompts."""
+    from effdiff.kb.evaluate import KBConfig, eval_index, eval_quality, markdown_table
+    from effdiff.kb.store import KnowledgeBase
+
+    if queries < 1 or count < 1:
+        raise EffdiffError("--queries and --count must be >= 1")
+    knowledge = KnowledgeBase.open(kb)
+    for space in ("latent", "prompt"):
+        for line in eval_index(knowledge, queries, space).lines():
+            click.echo(line)
+    if artifacts is None:
+        return
+    from effdiff.artifacts import Manifest
+    from effdiff.reference.scenes import held_in_scenes, held_out_scenes
+    from effdiff.runtime.pipeline import Pipeline
+
+    if not Manifest.read(artifacts).is_reference:
+        raise EffdiffError(
+            "quality needs the reference model's artifacts (effdiff-export onnx --model reference)"
+        )
+    pipe = Pipeline.load(artifacts)
+    configs = [KBConfig(f"kb {jump}", jump=jump)]
+    rows = []
+    for split, scenes in (("held-in", held_in_scenes(count)), ("held-out", held_out_scenes())):
+        rows += eval_quality(pipe, knowledge, scenes, split, configs, log=lambda m: click.echo(m, err=True))
+    click.echo(markdown_table(rows))

@@ -42,6 +42,7 @@ class BenchConfig:
     propagation: KeySchedule
     precision: Precision | None = None  # None: the folder's default (fp32, or fp16 for an fp16 export)
     backend: str = "ort"  # ort, torch, trt, coreml: rows of other backends are named CONFIG@BACKEND
+    kb: Path | None = None  # retrieval start from this knowledge base (its adaptive jumps)
 
 
 def with_backends(configs: list[BenchConfig], backends: list[str]) -> list[BenchConfig]:
@@ -72,14 +73,16 @@ def fd_schedule(sampler: str, steps: int) -> KeySchedule:
     return KeySchedule.uniform(3)
 
 
-def parse_configs(names: list[str], sampler: str, steps: int) -> list[BenchConfig]:
+def parse_configs(names: list[str], sampler: str, steps: int, kb: Path | None = None) -> list[BenchConfig]:
     """Configurations composed with `+`: a schedule part (`full`, `fd` = the sampler's encoder-propagation
-    schedule, `fd:SCHEDULE`, `cache:N` = DeepCache's recipe every N steps) and modifiers (`int8`).
-    Examples: `full`, `fd`, `fd:uniform:4`, `cache:3`, `int8`, `fd+int8`, `cache:3+int8`."""
+    schedule, `fd:SCHEDULE`, `cache:N` = DeepCache's recipe every N steps) and modifiers (`int8`, `kb` =
+    retrieval start from the knowledge base `kb`). Examples: `full`, `fd`, `fd:uniform:4`, `cache:3`,
+    `int8`, `fd+int8`, `cache:3+int8`, `kb`, `kb+fd`, `kb+cache:3`, `kb+fd+int8`."""
     out = []
     for name in names:
         schedule: KeySchedule | None = None
         precision: Precision | None = None
+        retrieval: Path | None = None
         for part in name.split("+"):
             if part in ("full", "fd") or part.startswith(("fd:", "cache:")):
                 if schedule is not None:
@@ -93,15 +96,15 @@ def parse_configs(names: list[str], sampler: str, steps: int) -> list[BenchConfi
             elif part == "int8":
                 precision = Precision.INT8
             elif part == "kb":
-                raise EffdiffError(
-                    f"configuration {name!r} needs retrieval start, which this effdiff lacks yet"
-                )
+                if kb is None:
+                    raise EffdiffError(f"configuration {name!r} needs a knowledge base (--kb KB)")
+                retrieval = Path(kb)
             else:
                 raise EffdiffError(
                     f"unknown configuration part {part!r} in {name!r}; use full, fd, fd:SCHEDULE, cache:N, "
-                    "int8, joined with +"
+                    "int8, kb, joined with +"
                 )
-        out.append(BenchConfig(name, schedule or KeySchedule.none(), precision))
+        out.append(BenchConfig(name, schedule or KeySchedule.none(), precision, kb=retrieval))
     if "full" not in [c.name for c in out]:
         out.insert(0, BenchConfig("full", KeySchedule.none()))  # quality is measured against it
     return out
@@ -238,6 +241,13 @@ class EffdiffRunner(Runner):
             latents,
         )
         self.detail = str(config.propagation) + (f", {config.precision.value}" if config.precision else "")
+        self.generate: Any = pipe
+        if config.kb is not None:
+            from effdiff.kb.retrieval import RetrievalStart
+            from effdiff.kb.store import KnowledgeBase
+
+            self.generate = RetrievalStart(pipe, KnowledgeBase.open(config.kb))
+            self.detail += f" + kb {config.kb.name}"
         if config.backend != "ort":
             self.detail += f", {pipe.backend.describe()} {pipe.precision.value}"
         self.graphs = ("text_encoder", *config.propagation.graphs, "vae_decoder")
@@ -254,7 +264,7 @@ class EffdiffRunner(Runner):
     def run(self) -> Run:
         s, g = self.settings, self.pipe.geometry
         res = self.gpu.measure(
-            lambda: self.pipe(
+            lambda: self.generate(
                 s.prompts,
                 steps=s.steps,
                 sampler=s.sampler,
@@ -405,6 +415,13 @@ def run_bench(
     h, w = first.default_size()
     h, w = settings.height or h, settings.width or w
     latents = _latents(first, settings, h, w)
+    kb_paths = [c.kb for c in configs if c.kb is not None]
+    if kb_paths:  # every configuration starts from noise the KB holds (its seeds in turn), as in ReDi
+        from effdiff.kb.build import entry_noise
+        from effdiff.kb.store import KBManifest
+
+        seeds = KBManifest.read(kb_paths[0]).settings.seeds
+        latents = entry_noise(first, [seeds[i % len(seeds)] for i in range(len(latents))], h, w)
     runs_total = (settings.warmup + settings.repeat) * (len(configs) + len(peers))
     bar = tqdm(total=runs_total, desc="bench", unit="run", disable=not progress)
     graph_costs: dict[Any, tuple[float, int]] = {}

@@ -8,6 +8,7 @@ Steps are addressed by index, never by searching the timestep list.
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -117,6 +118,11 @@ class Scheduler(ABC):
 
     @abstractmethod
     def step(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray: ...
+
+    def select_rows(self, rows: np.ndarray) -> Scheduler:
+        """A copy whose per-image state keeps only batch `rows` (a retrieval start continues some images
+        of a batch from where they are and restarts the others). Single-step samplers have none."""
+        return copy.copy(self)
 
     def _check_steps(self, n: int) -> None:
         if n < 1:
@@ -292,6 +298,11 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.num_inference_steps = len(ts)
         self.model_outputs: list[np.ndarray | None] = [None] * self.config["solver_order"]
         self.lower_order_nums = 0
+
+    def select_rows(self, rows: np.ndarray) -> Scheduler:
+        out = copy.copy(self)
+        out.model_outputs = [None if m is None else m[rows] for m in self.model_outputs]
+        return out
 
     @staticmethod
     def _alpha_sigma(sigma: float) -> tuple[float, float]:

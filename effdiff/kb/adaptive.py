@@ -1,0 +1,82 @@
+"""How far a query may jump: the nearer its neighbours, the later the step it starts from.
+
+The thresholds come from the knowledge base itself. At build time a held-back sample of entries is
+looked up in the KB with every entry of its own prompt left out (as a new prompt would be), and the
+distance to the nearest remaining entry is recorded. Value step v_j (ascending) is allowed when the
+query's distance is at most the q_j-quantile of those distances, with q_j falling as the jump grows:
+long jumps only for queries as close as the KB's own closest pairs. A query farther than the
+shortest jump's threshold (a prompt or starting noise unlike anything stored) gets no jump and is
+generated in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from effdiff.errors import EffdiffError
+
+# q for the shortest jump .. q for the longest, spaced linearly over the value steps.
+DEFAULT_QUANTILES = (0.95, 0.6)
+
+
+def default_quantiles(count: int, span: tuple[float, float] = DEFAULT_QUANTILES) -> tuple[float, ...]:
+    if count == 1:
+        return (span[0],)
+    return tuple(float(q) for q in np.linspace(span[0], span[1], count))
+
+
+@dataclass(frozen=True)
+class JumpPolicy:
+    """Per value step (ascending), the largest distance that still allows jumping to it."""
+
+    value_steps: tuple[int, ...]
+    thresholds: tuple[float, ...]
+    label: str = "adaptive"
+
+    def __post_init__(self) -> None:
+        if len(self.value_steps) != len(self.thresholds) or not self.value_steps:
+            raise EffdiffError("a jump policy needs one threshold per value step")
+
+    @classmethod
+    def from_distances(
+        cls, distances: np.ndarray, value_steps: tuple[int, ...], quantiles: tuple[float, ...]
+    ) -> JumpPolicy:
+        if len(quantiles) != len(value_steps):
+            raise EffdiffError(
+                f"{len(quantiles)} jump quantiles given for {len(value_steps)} value steps "
+                f"({', '.join(map(str, value_steps))}); give one per value step"
+            )
+        if any(not 0.0 <= q <= 1.0 for q in quantiles):
+            raise EffdiffError(f"jump quantiles must be within [0, 1], got {quantiles}")
+        finite = np.asarray(distances, np.float64)
+        finite = finite[np.isfinite(finite)]
+        if len(finite) == 0:  # no entry had a neighbour of another prompt: nothing to calibrate on
+            never = tuple(-1.0 for _ in value_steps)
+            return cls(tuple(value_steps), never, "adaptive (no calibration: never jumps)")
+        raw = np.quantile(finite, quantiles)
+        # never allow a longer jump at a larger distance than a shorter one
+        thresholds = np.minimum.accumulate(raw)
+        label = "adaptive q=" + ",".join(f"{q:g}" for q in quantiles)
+        return cls(tuple(value_steps), tuple(float(t) for t in thresholds), label)
+
+    @classmethod
+    def fixed(cls, value_step: int) -> JumpPolicy:
+        """Always jump to one value step, whatever the distance (ReDi's rule)."""
+        return cls((value_step,), (float("inf"),), f"fixed {value_step}")
+
+    def choose(self, distance: float) -> int | None:
+        """The latest value step whose threshold admits `distance`; None: no jump."""
+        best = None
+        for step, limit in zip(self.value_steps, self.thresholds, strict=True):
+            if distance <= limit:
+                best = step
+        return best
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "thresholds": dict(zip(map(str, self.value_steps), self.thresholds, strict=True)),
+        }
