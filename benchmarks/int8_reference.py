@@ -1,10 +1,11 @@
-"""INT8 on the reference model: prompt adherence of `int8` and `fd+int8` against fp32 (held-in and
-held-out, 95 % Wilson intervals, final-image PSNR against the fp32 image of the same path), the
+"""INT8 on the reference model: prompt adherence of `int8`, `fd+int8` and `cache:3+int8` against fp32
+(held-in and held-out, 95 % Wilson intervals, final-image PSNR against the fp32 image of the same path), the
 calibration ablation (random inputs / whole-UNet inputs only / what each half sees under propagation),
 and what each calibration method costs.
 
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/int8_reference.py            # all of it
   ... --skip-ablation --skip-methods --splits held-in                       # the main table only
+  ... --configs cache:3,cache:3+int8 --count 32 ...                         # some rows, fewer prompts
 
 Re-runnable: artifacts copies per calibration source live under --work; INT8 graphs already made from
 the same fp32 graph, calibration and options are kept, and generated images are cached by a key that
@@ -35,6 +36,7 @@ from effdiff.export.onnx import export_onnx
 from effdiff.reference.judge import Adherence, AttributeClassifier
 from effdiff.reference.scenes import REFERENCE_GUIDANCE, held_in_scenes, held_out_scenes
 from effdiff.runtime.pipeline import Pipeline
+from effdiff.runtime.propagation import KeySchedule
 
 SOURCES = {
     "propagation": "(c) each half under propagation",
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--splits", default="held-in,held-out")
     parser.add_argument("--skip-ablation", action="store_true")
     parser.add_argument("--skip-methods", action="store_true")
+    parser.add_argument("--configs", default="", help="only these rows of the main table (comma-separated)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(
@@ -136,11 +139,12 @@ def main() -> None:
         folders[source] = folder
 
     print("### Per-graph relative L2 against fp32 on held-out captured inputs\n")
-    print("| calibrated on | unet_encoder | unet_decoder | unet |")
-    print("|---|---|---|---|")
+    graphs = [r.graph for r in reports["propagation"].results]
+    print(f"| calibrated on | {' | '.join(graphs)} |")
+    print("|---|" + "---|" * len(graphs))
     for source, rep in reports.items():
         rel = {r.graph: f"{r.worst_rel_l2:.4f}" for r in rep.results}
-        print(f"| {SOURCES[source]} | {rel['unet_encoder']} | {rel['unet_decoder']} | {rel['unet']} |")
+        print(f"| {SOURCES[source]} | {' | '.join(rel[g] for g in graphs)} |")
     print(flush=True)
 
     # the main comparison first, so a run cut short still has it; PSNR against the fp32 image of the
@@ -150,6 +154,8 @@ def main() -> None:
         ("int8", folders["propagation"], "int8", "none"),
         ("fd+int8", folders["propagation"], "int8", "fd-ddim50"),
         ("fd", args.artifacts, "fp32", "fd-ddim50"),
+        ("cache:3", args.artifacts, "fp32", "cache:3"),
+        ("cache:3+int8", folders["propagation"], "int8", "cache:3"),
     ]
     if not args.skip_ablation:
         configs += [
@@ -157,6 +163,8 @@ def main() -> None:
             ("fd+int8 (a) random", folders["random"], "int8", "fd-ddim50"),
             ("int8 (a) random", folders["random"], "int8", "none"),
         ]
+    if args.configs:
+        configs = [c for c in configs if c[0] in args.configs.split(",")]
     clf = AttributeClassifier()
     splits = {"held-in": held_in_scenes(args.count), "held-out": held_out_scenes()}
     for split in [s for s in args.splits.split(",") if s]:
@@ -171,11 +179,10 @@ def main() -> None:
         int8_images: dict[str, list[Image.Image]] = {}
         for name, folder, precision, propagation in configs:
             manifest = Manifest.read(folder)
-            keys = [
-                v.recipe_key
-                for g in ("unet_encoder", "unet_decoder", "unet")
-                for v in [manifest.choose(g, precision)]
-            ]
+            graphs = ("unet_encoder", "unet_decoder", "unet")
+            if KeySchedule.parse(propagation).caches:  # the keys of the graphs the path runs too
+                graphs += KeySchedule.parse(propagation).graphs
+            keys = [v.recipe_key for g in graphs for v in [manifest.choose(g, precision)]]
             key = json.dumps(
                 [
                     split,

@@ -149,10 +149,19 @@ def export_onnx_cmd(
 @click.option("--steps", default=50, show_default=True, type=int)
 @click.option("--sampler", default="ddim", show_default=True)
 @click.option("--propagation", default="fd-ddim50", show_default=True, help="key-step schedule captured")
+@click.option(
+    "--cache-interval",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="the cache:N schedule captured for unet_deep/unet_shallow (when the folder has them)",
+)
 @click.option("--guidance", type=float, help="default: 3 for the reference model, else 7.5")
 @click.option("--calib-dir", type=click.Path(path_type=Path), help="default: ARTIFACTS/calibration")
 @click.option(
-    "--graphs", default="unet_encoder,unet_decoder,unet", show_default=True, help="UNet graphs to quantize"
+    "--graphs",
+    default="",
+    help="UNet graphs to quantize, comma-separated (default: every UNet graph the folder has in fp32)",
 )
 @click.option("--quiet", is_flag=True)
 @user_errors
@@ -169,6 +178,7 @@ def export_int8_cmd(
     steps: int,
     sampler: str,
     propagation: str,
+    cache_interval: int,
     guidance: float | None,
     calib_dir: Path | None,
     graphs: str,
@@ -185,6 +195,7 @@ def export_int8_cmd(
         steps=steps,
         sampler=sampler,
         propagation=propagation,
+        cache_interval=cache_interval,
         guidance=guidance if guidance is not None else default_guidance(artifacts),
     )
     options = QuantizeOptions(

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 
 from effdiff.artifacts import Manifest, sha256_file
 from effdiff.calib.capture import (
+    CACHE_GRAPHS,
     CALIB_MANIFEST,
     CalibrationSet,
     CaptureSettings,
@@ -35,6 +37,7 @@ from effdiff.calib.quantize import (
     plan_layers,
     quantize_artifacts,
 )
+from effdiff.compare import psnr
 from effdiff.errors import EffdiffError
 from effdiff.runtime.backends.ort import OrtBackend
 from effdiff.runtime.pipeline import Pipeline
@@ -44,6 +47,7 @@ from .test_cli import assert_one_line_error, run
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("a red circle", "a blue square on white", "a green star", "a small yellow triangle")
 KEYS = "0,3,6"  # a propagation schedule for 10 steps: the decoder reuses features for 2 later steps
+CACHE_KEYS = (0, 3, 6, 9)  # the capture's default cache:3 on 10 steps
 
 
 def settings(**kw: object) -> CaptureSettings:
@@ -80,6 +84,19 @@ def tiny(sd1_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def calib(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> CalibrationSet:
     return capture(tiny, tmp_path_factory.mktemp("calib") / "set", settings(), progress=False)
+
+
+def without_graphs(src: Path, dest: Path, graphs: tuple[str, ...], variant: str | None = None) -> Path:
+    """A copy of `src` whose manifest lacks `graphs` (or only their `variant`): an older or trimmed folder."""
+    shutil.copytree(src, dest)
+    data = json.loads((dest / "manifest.json").read_text())
+    for graph in graphs:
+        if variant is None:
+            del data["graphs"][graph]
+        else:
+            data["graphs"][graph]["variants"].pop(variant)
+    (dest / "manifest.json").write_text(json.dumps(data))
+    return dest
 
 
 def test_capture_records_what_each_half_sees(tiny: Path, calib: CalibrationSet) -> None:
@@ -136,6 +153,29 @@ def test_capture_records_what_each_half_sees(tiny: Path, calib: CalibrationSet) 
     a, b = (next(calib.feeds([r])) for r in calib.select("whole", "unet_encoder", False)[:2])
     assert a["sample"].shape[0] == 2 and a["encoder_hidden_states"].shape[0] == 2
     np.testing.assert_array_equal(a["encoder_hidden_states"][0], b["encoder_hidden_states"][0])
+    # the cache run (the folder has DeepCache's graphs): unet_deep at cache:3's key steps, unet_shallow
+    # between, fed the deep feature unet_deep returned at the last key step
+    assert calib.settings["cache"] is True and calib.settings["cache_interval"] == 3
+    deep_recs = calib.select("cache", "unet_deep", False) + calib.select("cache", "unet_deep", True)
+    shallow_recs = calib.select("cache", "unet_shallow", False) + calib.select("cache", "unet_shallow", True)
+    assert deep_recs and {r.step for r in deep_recs} <= set(CACHE_KEYS)
+    assert shallow_recs and not {r.step for r in shallow_recs} & set(CACHE_KEYS)
+    assert all(r.key_step == max(k for k in CACHE_KEYS if k <= r.step) for r in shallow_recs)
+    assert {r.prompt for r in calib.select("cache", "unet_shallow", True)} == {2}
+    assert not [r for r in calib.records if r.stream == "cache" and r.graph not in CACHE_GRAPHS]
+    deep = OrtBackend(["CPUExecutionProvider"]).open(tiny / "unet_deep.onnx", manifest.specs()["unet_deep"])
+    checked = 0
+    for rec in shallow_recs:
+        key = next((r for r in deep_recs if r.prompt == rec.prompt and r.step == rec.key_step), None)
+        if key is None:  # that key step was not among the recorded ones
+            continue
+        shallow_feeds = next(calib.feeds([rec]))
+        np.testing.assert_allclose(
+            shallow_feeds["deep"], deep.run(next(calib.feeds([key])))["deep"], rtol=1e-4, atol=1e-5
+        )
+        assert shallow_feeds["deep"].shape[0] == 2  # both guidance halves
+        checked += 1
+    assert checked > 0
     # checksums in the manifest are the shards'
     data = json.loads((calib.folder / CALIB_MANIFEST).read_text())
     assert data["complete"] and all(
@@ -176,13 +216,42 @@ def test_capture_killed_resumes_without_duplicates(tiny: Path, calib: Calibratio
     assert not list(folder.glob(".shard-*"))
 
 
+def test_capture_without_deepcache_graphs(tiny: Path, tmp_path: Path) -> None:
+    """A folder without unet_deep/unet_shallow is captured without the cache run; the same settings on a
+    folder with them capture it, and do not reuse the shards made without it."""
+    trimmed = without_graphs(tiny, tmp_path / "trimmed", CACHE_GRAPHS)
+    small = settings(samples=2, per_prompt=1)  # two prompts, one step each: what is captured, not how
+    folder = tmp_path / "set"
+    old = capture(trimmed, folder, small, progress=False)
+    assert old.settings["cache"] is False and {r.stream for r in old.records} == {"whole", "propagation"}
+    logged: list[str] = []
+    new = capture(tiny, folder, small, progress=False, log=logged.append)
+    assert any("replaced" in m for m in logged), logged
+    assert new.settings["cache"] is True and {r.graph for r in new.records if r.stream == "cache"} == {
+        "unet_deep",
+        "unet_shallow",
+    }
+    assert new.settings["key"] != old.settings["key"]
+    assert replace(small, cache=True).key() != replace(small, cache=False).key()
+    with pytest.raises(EffdiffError, match="no fp32 unet_deep, unet_shallow graph to calibrate"):
+        capture(trimmed, tmp_path / "forced", replace(small, cache=True), progress=False)
+
+
 def test_int8_cli_quantizes_validates_and_runs(tiny: Path, tmp_path: Path) -> None:
     args = int8_args(tiny, 9)
     proc = run(*args)
     assert proc.returncode == 0, proc.stderr
     assert "unet_decoder" in proc.stdout and "ok" in proc.stdout
     manifest = Manifest.read(tiny)
-    for graph in ("unet_encoder", "unet_decoder", "unet"):
+    # every UNet graph the folder has, DeepCache's included, each excluding the convolutions it holds
+    kept = {
+        "unet_encoder": ("^conv_in$",),
+        "unet_decoder": ("^conv_out$",),
+        "unet": ("^conv_in$", "^conv_out$"),
+        "unet_deep": ("^conv_in$", "^conv_out$"),
+        "unet_shallow": ("^conv_in$", "^conv_out$"),
+    }
+    for graph, patterns in kept.items():
         fp32, int8 = manifest.variant(graph, "fp32"), manifest.variant(graph, "int8")
         assert (tiny / f"{graph}.int8.onnx").is_file() and int8.file == f"{graph}.int8.onnx"
         assert int8.meta["source_variant"] == "fp32"
@@ -190,12 +259,8 @@ def test_int8_cli_quantizes_validates_and_runs(tiny: Path, tmp_path: Path) -> No
         assert int8.meta["mode"] == "static" and int8.meta["method"] == "minmax"
         assert int8.meta["calibration_sha256"] == CalibrationSet.read(tiny / "calibration").sha256
         assert int8.meta["qdq_check"]["ok"], int8.meta["qdq_check"]
-        assert (
-            int8.meta["layers"]["reasons"][
-                "pattern ^conv_in$" if graph != "unet_decoder" else "pattern ^conv_out$"
-            ]
-            == 1
-        )
+        reasons = int8.meta["layers"]["reasons"]
+        assert all(reasons.get(f"pattern {p}") == 1 for p in patterns), (graph, reasons)
         # held-out validation: within the sanity bound, and above zero (it is INT8); skip_00 is conv_in's
         # output, kept in float, so it matches exactly
         rel = {c.output: c.rel_l2 for c in int8.validation}
@@ -205,11 +270,15 @@ def test_int8_cli_quantizes_validates_and_runs(tiny: Path, tmp_path: Path) -> No
     # the runtime takes precision="int8", with and without propagation, close to fp32
     fp32_pipe, int8_pipe = Pipeline.load(tiny), Pipeline.load(tiny, precision="int8")
     assert int8_pipe.variants["unet"].name == "int8" and int8_pipe.variants["vae_decoder"].name == "fp32"
-    for schedule in ("none", KEYS):
-        want = fp32_pipe("a red circle", steps=10, propagation=schedule, seed=3).latents
-        got = int8_pipe("a red circle", steps=10, propagation=schedule, seed=3).latents
-        rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-        assert 0 < rel < 0.2, (schedule, rel)
+    assert all(int8_pipe.variants[g].name == "int8" for g in CACHE_GRAPHS)
+    for schedule in ("none", KEYS, "cache:3"):
+        want = fp32_pipe("a red circle", steps=10, propagation=schedule, seed=3)
+        got = int8_pipe("a red circle", steps=10, propagation=schedule, seed=3)
+        rel = float(np.linalg.norm(got.latents - want.latents) / np.linalg.norm(want.latents))
+        assert 0 < rel < 0.2, (schedule, rel)  # INT8 ran (not 0), and stayed close to fp32
+        value = psnr(np.asarray(got.images[0]), np.asarray(want.images[0]))
+        assert value >= 30.0, f"{schedule}: int8 vs fp32 PSNR {value:.1f} dB"
+    assert got.calls["unet_deep"] == 4 and got.calls["unet_shallow"] == 6
     # the same job again keeps what it made
     again = quantize_artifacts(
         tiny,
@@ -217,15 +286,27 @@ def test_int8_cli_quantizes_validates_and_runs(tiny: Path, tmp_path: Path) -> No
         CaptureSettings(prompts=tuple(default_prompts()), samples=9, steps=10, propagation=KEYS),
         progress=False,
     )
-    assert all(r.skipped for r in again.results)
+    assert all(r.skipped for r in again.results) and len(again.results) == 5
     assert (
         Manifest.read(tiny).variant("unet", "int8").recipe_key == manifest.variant("unet", "int8").recipe_key
     )
-    from effdiff.bench.harness import parse_configs
+    from effdiff.bench.harness import BenchSettings, parse_configs, run_bench
 
-    configs = {c.name: c for c in parse_configs(["int8", "fd+int8"], "ddim", 50)}
+    configs = {c.name: c for c in parse_configs(["int8", "fd+int8", "cache:3+int8"], "ddim", 50)}
     assert configs["int8"].precision.value == "int8" and not configs["int8"].propagation.propagates
     assert configs["fd+int8"].propagation.propagates
+    assert configs["cache:3+int8"].propagation.caches and configs["cache:3+int8"].precision.value == "int8"
+    # the bench runs cache:3+int8 beside cache:3, and its images stay close to cache:3's
+    bench = BenchSettings(prompts=["a green star"], steps=10, repeat=1, warmup=0)
+    report = run_bench(tiny, parse_configs(["cache:3", "cache:3+int8"], "ddim", 10), bench, progress=False)
+    rows = {r.name: r for r in report.rows}
+    assert rows["cache:3+int8"].components["unet_shallow"].median > 0
+    got, want = (np.asarray(report.images[n][0], np.float64) for n in ("cache:3+int8", "cache:3"))
+    assert np.isfinite(got).all() and psnr(got, want) >= 30.0, psnr(got, want)
+    # a folder whose INT8 variants predate DeepCache's graphs: refused in one line saying how to make them
+    older = without_graphs(tiny, tmp_path / "older", CACHE_GRAPHS, variant="int8")
+    args = ["effdiff", "bench", "--artifacts", str(older), "--configs", "cache:3+int8", "--steps", "10"]
+    assert_one_line_error(run(*args, "--out", str(tmp_path / "r")), "effdiff-export int8")
 
 
 def test_killed_quantization_leaves_no_complete_looking_file(sd1_artifacts: Path, tmp_path: Path) -> None:
@@ -310,9 +391,15 @@ def test_int8_errors(tiny: Path, calib: CalibrationSet, tmp_path: Path) -> None:
     bare = tmp_path / "bare"
     shutil.copytree(tiny, bare)
     data = json.loads((bare / "manifest.json").read_text())
-    del data["graphs"]["unet_decoder"]
+    del data["graphs"]["unet_decoder"], data["graphs"]["unet_deep"]
     (bare / "manifest.json").write_text(json.dumps(data))
     assert_one_line_error(run("effdiff-export", "int8", "--artifacts", str(bare)), "no fp32 unet_decoder")
+    assert_one_line_error(
+        run("effdiff-export", "int8", "--artifacts", str(bare), "--graphs", "unet,unet_deep"),
+        "no fp32 unet_deep graph to quantize",
+    )
+    with pytest.raises(EffdiffError, match=r"INT8 graphs must be among .* got unet_mid"):
+        QuantizeOptions(graphs=("unet", "unet_mid"))
     # --precision int8 without INT8 variants; bench configurations likewise
     plain = tmp_path / "plain"
     shutil.copytree(tiny, plain)

@@ -104,11 +104,6 @@ def parse_configs(names: list[str], sampler: str, steps: int, kb: Path | None = 
                     f"unknown configuration part {part!r} in {name!r}; use full, fd, fd:SCHEDULE, cache:N, "
                     "int8, kb, joined with +"
                 )
-        if precision is Precision.INT8 and schedule is not None and schedule.recipe == "cache":
-            raise EffdiffError(
-                f"configuration {name!r}: INT8 variants of the cache recipe's graphs (unet_deep, "
-                "unet_shallow) are not made yet; use int8 or fd+int8"
-            )
         out.append(BenchConfig(name, schedule or KeySchedule.none(), precision, kb=retrieval))
     if "full" not in [c.name for c in out]:
         out.insert(0, BenchConfig("full", KeySchedule.none()))  # quality is measured against it

@@ -1,10 +1,12 @@
 """Calibration capture: record what the fp32 runtime feeds each UNet graph, through its recording hook.
 
-Two runs per chunk of prompts, each a real `Pipeline.denoise` over the whole schedule:
+Two or three runs per chunk of prompts, each a real `Pipeline.denoise` over the whole schedule:
 - `whole`: every step is a key step (encoder and decoder on fresh features, no noise injection), which
   is numerically the whole-UNet path. Its encoder feeds are the `unet` graph's inputs.
 - `propagation`: the key-step schedule the runtime uses (Faster Diffusion): the encoder sees latents at
   key steps only, and the decoder sees features cached at a key step together with later timesteps.
+- `cache` (when the artifacts have DeepCache's graphs): `cache:N`, the whole UNet (`unet_deep`) at every
+  N-th step and the shallow path (`unet_shallow`) fed the deep feature of the last key step between.
 A sample is one graph call for one prompt with both guidance halves (rows [negative, prompt]). Which
 steps are kept is decided before the run: per prompt, graph and run, `per_prompt` steps stratified over
 the steps where that graph is called (timestep-aware, as Q-Diffusion calibrates), at most `samples` per
@@ -22,7 +24,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,11 @@ from effdiff.runtime.propagation import AUTO, KeySchedule
 
 CALIB_MANIFEST = "calib.json"
 CALIB_SCHEMA = 1
-STREAMS = ("whole", "propagation")
-CAPTURED = ("unet_encoder", "unet_decoder")  # graphs the hook records; `unet` reads `whole` encoder feeds
+STREAMS = ("whole", "propagation", "cache")
+# Graphs the hook records (`unet` reads the `whole` run's encoder feeds: the same inputs), in the order
+# that seeds each graph's step choice; new graphs go last so older plans stay as they were.
+CAPTURED = ("unet_encoder", "unet_decoder", "unet_deep", "unet_shallow")
+CACHE_GRAPHS = ("unet_deep", "unet_shallow")  # recorded by the `cache` run only
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -90,11 +95,15 @@ class CaptureSettings:
     seed: int = 0
     height: int | None = None  # pixels; default: the export size
     width: int | None = None
+    cache_interval: int = 3  # the `cache` run's schedule: cache:N
+    # Record the `cache` run: None = when the artifacts have unet_deep and unet_shallow (`capture`
+    # resolves it before hashing, so a folder that gains or loses them is captured again).
+    cache: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise EffdiffError("calibration needs at least one prompt")
-        for name in ("samples", "per_prompt", "steps", "chunk"):
+        for name in ("samples", "per_prompt", "steps", "chunk", "cache_interval"):
             if getattr(self, name) < 1:
                 raise EffdiffError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.holdout < 1.0:
@@ -105,6 +114,14 @@ class CaptureSettings:
                 "the capture's propagation schedule must propagate (e.g. fd-ddim50, uniform:3)"
             )
         schedule.key_steps(self.steps)
+
+    @property
+    def cache_schedule(self) -> KeySchedule:
+        return KeySchedule.parse(f"cache:{self.cache_interval}")
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return STREAMS if self.cache else STREAMS[:2]
 
     @property
     def prompts_used(self) -> int:
@@ -127,12 +144,12 @@ class CaptureSettings:
 @dataclass(frozen=True)
 class SampleRecord:
     id: str
-    stream: str  # "whole" or "propagation"
+    stream: str  # "whole", "propagation" or "cache"
     graph: str  # the graph whose feeds these are
     prompt: int  # index into the settings' prompts
     step: int  # sampler step index of the call
     timestep: float
-    key_step: int  # the step whose encoder features the decoder reused (= step on the whole run)
+    key_step: int  # the step whose features the decoder / shallow path reused (= step on the whole run)
     holdout: bool
 
 
@@ -147,8 +164,14 @@ def plan_steps(settings: CaptureSettings) -> dict[tuple[str, str, int], tuple[in
         ("propagation", "unet_encoder"): keys,
         ("propagation", "unet_decoder"): every,
     }
+    if settings.cache:
+        cache_keys = settings.cache_schedule.key_steps(settings.steps)
+        calls["cache", "unet_deep"] = cache_keys
+        calls["cache", "unet_shallow"] = tuple(i for i in every if i not in cache_keys)
     plan: dict[tuple[str, str, int], tuple[int, ...]] = {}
     for (si, stream), (gi, graph) in ((s, g) for s in enumerate(STREAMS) for g in enumerate(CAPTURED)):
+        if (stream, graph) not in calls:
+            continue
         left = settings.samples
         for prompt in range(settings.prompts_used):
             k = min(settings.per_prompt, len(calls[stream, graph]), left)
@@ -292,7 +315,7 @@ class _Recorder:
             return
         ts = np.asarray(feeds["timestep"])
         step = self.index[float(ts[0])]
-        if graph == "unet_encoder":
+        if graph in ("unet_encoder", "unet_deep"):  # the features later calls reuse come from here
             self.key_step = step
         for j in range(self.batch):
             prompt = self.first + j
@@ -323,14 +346,17 @@ def capture(
     progress: bool = True,
     log: Any = None,
 ) -> CalibrationSet:
-    """Run the fp32 runtime over the prompts and record each UNet half's inputs into `out` (resumable).
+    """Run the fp32 runtime over the prompts and record each UNet graph's inputs into `out` (resumable).
     EffdiffError when the artifacts lack the graphs, or when nothing was recorded."""
     log = log or (lambda _msg: None)
     out = Path(out)
     pipe = Pipeline.load(artifacts, precision="fp32", lean=False)
-    missing = [g for g in CAPTURED if g not in pipe.variants]
+    if settings.cache is None:  # resolved before hashing: what is captured is part of the key
+        settings = replace(settings, cache=all(g in pipe.variants for g in CACHE_GRAPHS))
+    wanted = CAPTURED if settings.cache else tuple(g for g in CAPTURED if g not in CACHE_GRAPHS)
+    missing = [g for g in wanted if g not in pipe.variants]
     if missing:
-        raise EffdiffError(f"{artifacts} has no {', '.join(missing)} graph to calibrate; re-export it")
+        raise EffdiffError(f"{artifacts} has no fp32 {', '.join(missing)} graph to calibrate; re-export it")
     calib = _resume(out, settings, log)
     plan = plan_steps(settings)
     height, width = settings.height, settings.width
@@ -338,11 +364,17 @@ def capture(
     height, width = height or default_h, width or default_w
     holdout_from = settings.prompts_used - settings.holdout_prompts
     schedule = KeySchedule.parse(settings.propagation)
-    runs = {"whole": (KeySchedule.uniform(1), None), "propagation": (schedule, AUTO)}
+    runs = {
+        "whole": (KeySchedule.uniform(1), None),
+        "propagation": (schedule, AUTO),
+        "cache": (settings.cache_schedule, AUTO),  # AUTO: no injection, as the runtime runs cache:N
+    }
     todo = [c for c in range(settings.chunks) if _shard_name(c) not in calib.shards]
     if len(todo) < settings.chunks:
         log(f"calibration: {settings.chunks - len(todo)} of {settings.chunks} shards already captured, kept")
-    bar = tqdm(total=len(todo) * len(STREAMS), desc="calibration capture", unit="run", disable=not progress)
+    bar = tqdm(
+        total=len(todo) * len(settings.streams), desc="calibration capture", unit="run", disable=not progress
+    )
     for c in todo:
         first = c * settings.chunk
         prompts = list(settings.prompts[first : min(first + settings.chunk, settings.prompts_used)])
@@ -350,7 +382,7 @@ def capture(
         records: list[SampleRecord] = []
         cond = pipe.encode_prompt(prompts, guidance_scale=settings.guidance)
         z = pipe.initial_noise(len(prompts), height, width, settings.seed + c, None)
-        for stream in STREAMS:
+        for stream in settings.streams:
             sched, injection = runs[stream]
             p = pipe.plan(
                 settings.steps, settings.sampler, sched, max_decoder_batch=1, noise_injection=injection

@@ -1,6 +1,7 @@
 """Post-training INT8 of the UNet graphs with onnxruntime.quantization, validated against fp32.
 
-Per graph (unet_encoder, unet_decoder, unet), from its fp32 variant:
+Per UNet graph (unet_encoder, unet_decoder, unet, and DeepCache's unet_deep and unet_shallow when the
+folder has them), from its fp32 variant:
 1. ONNX Runtime's pre-processing (`quant_pre_process`: optimisation and shape inference; symbolic shape
    inference is skipped, it fails on the decoder), in a private temporary folder.
 2. `static`: QDQ with per-channel symmetric int8 weights and symmetric int8 activations, calibrated
@@ -27,7 +28,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,12 @@ from tqdm import tqdm
 from effdiff import __version__
 from effdiff._deps import require
 from effdiff.artifacts import FileRecord, Manifest, Variant, folder_lock, variant_file
-from effdiff.calib.capture import CalibrationSet, CaptureSettings, capture, random_feeds
+from effdiff.calib.capture import CACHE_GRAPHS, CalibrationSet, CaptureSettings, capture, random_feeds
 from effdiff.compare import Comparison, relative_l2
 from effdiff.errors import EffdiffError
 from effdiff.profiling import PeakRSS
 from effdiff.runtime.backends.ort import OrtBackend
-from effdiff.specs import INT8_GRAPHS, GraphSpec, Precision
+from effdiff.specs import UNET_GRAPHS, GraphSpec, Precision
 
 MODES = ("static", "dynamic")
 # Static QDQ layouts: `tensorrt` puts Q/DQ on the inputs of Conv/MatMul/Gemm only (float bias, float
@@ -50,7 +51,9 @@ MODES = ("static", "dynamic")
 # (int32), which lets ONNX Runtime's CPU provider fuse DQ -> op -> Q into QLinearConv / QLinearMatMul.
 TARGETS = ("tensorrt", "cpu")
 METHODS = ("minmax", "percentile", "entropy")
-SOURCES = ("propagation", "whole", "random")  # what the halves are calibrated on (the ablation)
+# What the halves are calibrated on (the ablation); `unet` always reads `whole`, and unet_deep /
+# unet_shallow `cache` (or random inputs with `random`).
+SOURCES = ("propagation", "whole", "random")
 # Kept in float by default, after NVIDIA's diffusion INT8 recipe: the time embedding, conv_in, conv_out,
 # the shortcut convolutions and the output norm. (ModelOpt's filter also keeps each resnet's
 # `time_emb_proj`; add `--exclude time_emb_proj` for that: it costs size, see README.)
@@ -68,7 +71,13 @@ INT8_TOLERANCE = 0.25
 # Graphs over this size are pre-processed and calibrated with external data (protobuf's 2 GiB cap).
 LARGE_BYTES = 1_000_000_000
 # What each graph is validated on: the inputs the runtime gives it.
-VALIDATION_STREAM = {"unet": "whole", "unet_encoder": "propagation", "unet_decoder": "propagation"}
+VALIDATION_STREAM = {
+    "unet": "whole",
+    "unet_encoder": "propagation",
+    "unet_decoder": "propagation",
+    "unet_deep": "cache",
+    "unet_shallow": "cache",
+}
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ class QuantizeOptions:
     percentile: float = 99.999
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     source: str = "propagation"
-    graphs: tuple[str, ...] = INT8_GRAPHS
+    graphs: tuple[str, ...] = ()  # () = every UNet graph the folder has in fp32
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("target", TARGETS), ("method", METHODS), ("source", SOURCES)):
@@ -94,9 +103,11 @@ class QuantizeOptions:
                 raise EffdiffError(
                     f"--exclude {pattern!r} is not a valid regular expression: {exc}"
                 ) from None
-        unknown = [g for g in self.graphs if g not in INT8_GRAPHS]
-        if unknown or not self.graphs:
-            raise EffdiffError(f"INT8 graphs must be among {', '.join(INT8_GRAPHS)}, got {self.graphs}")
+        unknown = [g for g in self.graphs if g not in UNET_GRAPHS]
+        if unknown:
+            raise EffdiffError(
+                f"INT8 graphs must be among {', '.join(UNET_GRAPHS)}, got {', '.join(unknown)}"
+            )
         if not 0 < self.percentile <= 100:
             raise EffdiffError(f"percentile must be in (0, 100], got {self.percentile}")
 
@@ -118,8 +129,10 @@ def node_scope(node: Any) -> str:
     dotted = [n for n in names if "." in n]
     if not dotted:
         return node.name
-    scope = dotted[-1]
-    return scope.split(".", 1)[1] if "." in scope else scope  # drop the root module's name
+    # drop the wrappers' names: every graph module holds the diffusers UNet as `unet`, some through
+    # another wrapper (unet_deep: `encoder.unet.conv_in`)
+    parts = dotted[-1].split(".")
+    return ".".join(parts[parts.index("unet") + 1 :] if "unet" in parts else parts[1:])
 
 
 @dataclass
@@ -498,11 +511,14 @@ def _validate(
 
 def _recipe_key(source_sha: str, calib_sha: str, options: QuantizeOptions) -> str:
     ort = require("onnxruntime")
+    # which other graphs the same job quantized does not change this one: a later job that asks for
+    # more (or fewer) graphs keeps it
+    recipe = {k: v for k, v in options.to_json().items() if k != "graphs"}
     payload = json.dumps(
         {
             "source": source_sha,
             "calibration": calib_sha,
-            "options": options.to_json(),
+            "options": recipe,
             "effdiff": __version__,
             "onnxruntime": ort.__version__,
         },
@@ -514,7 +530,8 @@ def _recipe_key(source_sha: str, calib_sha: str, options: QuantizeOptions) -> st
 def _calibration_feeds(
     graph: str, calib: CalibrationSet, options: QuantizeOptions, spec: GraphSpec, seed: int
 ) -> list[dict[str, np.ndarray]]:
-    """What `graph` is calibrated on. `unet` reads the whole run's encoder feeds (the same inputs)."""
+    """What `graph` is calibrated on. `unet` reads the whole run's encoder feeds (the same inputs);
+    unet_deep and unet_shallow what the `cache` run fed them."""
     if options.source == "random":
         real = list(calib.feeds(calib.select(VALIDATION_STREAM[graph], _captured(graph), False)))
         if not real:
@@ -524,6 +541,8 @@ def _calibration_feeds(
         h, w = int(lat[0]), int(lat[1])
         return random_feeds({graph: spec}, graph, len(real), batch, h, w, seed)
     stream = "whole" if graph == "unet" else options.source
+    if graph in CACHE_GRAPHS:
+        stream = VALIDATION_STREAM[graph]
     return list(calib.feeds(calib.select(stream, _captured(graph), False)))
 
 
@@ -548,12 +567,21 @@ def quantize_artifacts(
     log = log or (lambda _msg: None)
     artifacts = Path(artifacts).absolute()  # the pre-processing runs in another working directory
     manifest = Manifest.read(artifacts)
-    missing = [g for g in options.graphs if Precision.FP32.value not in manifest.variants(g)]
+    fp32 = [g for g in UNET_GRAPHS if Precision.FP32.value in manifest.variants(g)]
+    missing = [g for g in options.graphs if g not in fp32]
     if missing:
         raise EffdiffError(
             f"{artifacts} has no fp32 {', '.join(missing)} graph to quantize; export it first with "
             "`effdiff-export onnx`"
         )
+    if not options.graphs:
+        if not all(g in fp32 for g in CACHE_GRAPHS):  # one without the other cannot be calibrated
+            fp32 = [g for g in fp32 if g not in CACHE_GRAPHS]
+        if not fp32:
+            raise EffdiffError(f"{artifacts} has no fp32 UNet graph to quantize; run `effdiff-export onnx`")
+        options = replace(options, graphs=tuple(fp32))
+    if any(g in CACHE_GRAPHS for g in options.graphs) and not settings.cache:
+        settings = replace(settings, cache=True)  # their calibration inputs come from the `cache` run
     calib_dir = Path(calib_dir).absolute() if calib_dir is not None else artifacts / "calibration"
     with folder_lock(artifacts, "an INT8 quantization"):
         for stale in artifacts.glob(".tmp-int8-*"):  # left by a quantization that was killed
