@@ -162,6 +162,27 @@ def add_in_chunks(index: Any, rows: np.ndarray, chunk: int = 65536) -> None:
         index.add(np.ascontiguousarray(rows[start : start + chunk], dtype=np.float32))
 
 
+# Up to this many queries a search runs on one OpenMP thread: waking faiss's thread pool costs more than
+# the search itself (a single lookup on the reference KB: 16 ms with 2 threads on 2 busy cores, 0.2 ms
+# with 1).
+FEW_QUERIES = 8
+
+
+@contextlib.contextmanager
+def search_threads(queries: int) -> Iterator[None]:
+    """One faiss thread for a few queries, faiss's own choice for batches; restored afterwards."""
+    if queries > FEW_QUERIES:
+        yield
+        return
+    faiss = _faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def set_nprobe(index: Any, nprobe: int) -> int:
     """Set IVF lists visited per query; returns the value set (0 for non-IVF indexes)."""
     ivf = _faiss().try_extract_index_ivf(index)

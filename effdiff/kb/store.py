@@ -32,7 +32,7 @@ from effdiff import __version__
 from effdiff.artifacts import FileRecord, Manifest, read_json, sha256_file, write_json
 from effdiff.errors import EffdiffError
 from effdiff.kb.adaptive import JumpPolicy
-from effdiff.kb.index import IndexInfo, read_index_mmap, set_nprobe
+from effdiff.kb.index import IndexInfo, read_index_mmap, search_threads, set_nprobe
 
 KB_MANIFEST = "kb.json"
 KB_SCHEMA = 1
@@ -372,7 +372,8 @@ class KnowledgeBase:
             )
         n_ex = 0 if exclude is None else max((len(e) for e in exclude), default=0)
         want = min(len(self), max(k, shortlist or self.shortlist) + n_ex)
-        approx_d, cand = index.search(q, want)
+        with search_threads(len(q)):
+            approx_d, cand = index.search(q, want)
         ids = np.full((len(q), k), -1, np.int64)
         dist = np.full((len(q), k), np.inf, np.float32)
         for row in range(len(q)):
