@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -179,6 +180,8 @@ def _connect(ray: Any, address: str) -> bool:
     """Connect (or start, for "local"); True when this call started the connection (and must end it)."""
     if ray.is_initialized():
         return False  # a caller (a test, a notebook) already chose the cluster
+    if address not in ("auto", "local") and not address.startswith("ray://"):
+        _check_reachable(address)  # Ray's own client retries an unreachable address for ever
     try:
         ray.init(
             address=address,
@@ -193,6 +196,19 @@ def _connect(ray: Any, address: str) -> bool:
             f"cannot reach a Ray cluster at {address!r}: {text}" + (f"; {hint}" if hint else "")
         ) from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise EffdiffError(f"Ray address {address!r}: give auto, local, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise EffdiffError(
+            f"cannot reach a Ray cluster at {address!r} ({exc.strerror or type(exc).__name__}); "
+            "is `ray start --head` running there, and is the port the one it printed?"
+        ) from None
 
 
 def _slots(ray: Any, actor_cpus: int) -> tuple[int, bool]:
@@ -413,8 +429,8 @@ def _run_shards(
                 reports.append(rep)
                 done[rep.shard] = sizes[rep.shard]
             for k, actor in enumerate(actors):  # progress: non-blocking, a dead actor is skipped
-                if k not in polls:
-                    polls[k] = actor.progress.remote()
+                if k not in polls:  # not retried: a poll lost with its actor is simply sent again
+                    polls[k] = actor.progress.options(max_task_retries=0).remote()
             ready, _ = ray.wait(list(polls.values()), num_returns=len(polls), timeout=0)
             for k in [k for k, ref in polls.items() if ref in ready]:
                 try:
@@ -427,6 +443,7 @@ def _run_shards(
             bar.refresh()
     finally:
         bar.close()
+        ray.wait(list(polls.values()), num_returns=len(polls), timeout=2.0)  # no poll cut off by the kill
         for actor in actors:
             ray.kill(actor)  # free their CPUs/GPUs now, not when the driver exits
     return sorted(reports, key=lambda r: r.shard), n_actors, time.perf_counter() - t0
