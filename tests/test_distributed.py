@@ -180,6 +180,11 @@ def test_bad_ray_options_are_one_line(cluster: str, sd1_artifacts: Path, tmp_pat
         build_kb_ray(sd1_artifacts, PROMPTS[:1], tmp_path / "k", SETTINGS, SMALL, RayOptions(shards=3))
     with pytest.raises(EffdiffError, match="shards must be an integer >= 1"):
         build_kb_ray(sd1_artifacts, PROMPTS, tmp_path / "k", SETTINGS, SMALL, RayOptions(shards=0))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    build = ["effdiff", "kb", "build", "--artifacts", str(sd1_artifacts), "--prompts", str(prompts)]
+    closed = run(*build, "--out", str(tmp_path / "k"), "--ray", "127.0.0.1:1")  # nothing listens there
+    assert_one_line_error(closed, "cannot reach a Ray cluster at '127.0.0.1:1'")
     local = tmp_path / "local"
     (local / PARTIAL).mkdir(parents=True)
     with pytest.raises(EffdiffError, match="unfinished local build; resume it without --ray"):
