@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[cpu,export,bench,dev]"
+.venv/bin/python -m pip install -q -e ".[cpu,export,bench,dev,distributed]"
 .venv/bin/python -m pip check
 echo "effdiff is set up: source .venv/bin/activate"

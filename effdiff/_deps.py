@@ -22,6 +22,7 @@ _EXTRAS = {
     "deepcache": "dev",
     "matplotlib": "bench",
     "torchmetrics": "bench",
+    "ray": "distributed",
 }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from effdiff import __version__
 from effdiff.compare import Comparison
-from effdiff.errors import EffdiffError
+from effdiff.errors import EffdiffError, FolderBusy
 from effdiff.specs import GRAPHS, UNET_GRAPHS, Geometry, GraphSpec, Precision, build_specs
 
 # Bumped when the manifest or a graph interface changes in a way older runtimes cannot read.
@@ -533,7 +533,7 @@ def folder_lock(folder: Path, what: str = "an export") -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise EffdiffError(
+        raise FolderBusy(
             f"{folder} is being written by another effdiff process ({what} or a quantization); "
             "wait for it to finish or choose another folder"
         ) from None

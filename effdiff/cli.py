@@ -651,6 +651,19 @@ def _echo_build(report: Any) -> None:
 @click.option("--checkpoint-every", default=256, show_default=True, type=int, help="entries per checkpoint")
 @click.option("--shard", help="i/n: build the i-th of n parts (join them with `effdiff kb merge`)")
 @click.option("--resume", is_flag=True, help="continue an interrupted build from its checkpoints")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    help="build the shards on Ray actors: auto (a running cluster; the default of a bare --ray), "
+    "local (start one here) or host:port; --out must be a path every node sees",
+)
+@click.option("--shards", type=int, help="with --ray: parts to cut the build into (default: one per actor)")
+@click.option("--actors", type=int, help="with --ray: at most this many actors (default: one per GPU or CPU)")
+@click.option(
+    "--actor-cpus", default=1, show_default=True, type=int, help="with --ray: CPUs (and threads) per actor"
+)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]))
 @click.option("--height", type=int)
 @click.option("--width", type=int)
@@ -676,6 +689,10 @@ def kb_build_cmd(
     checkpoint_every: int,
     shard: str | None,
     resume: bool,
+    ray_address: str | None,
+    shards: int | None,
+    actors: int | None,
+    actor_cpus: int,
     precision: str | None,
     height: int | None,
     width: int | None,
@@ -698,6 +715,32 @@ def kb_build_cmd(
         width=width,
     )
     settings.check()  # before the prompts or the artifacts are read
+    if ray_address is None and (shards is not None or actors is not None):
+        raise EffdiffError("--shards and --actors need --ray (one part of a local build: --shard i/n)")
+    if ray_address is not None:
+        if shard:
+            raise EffdiffError("--shard builds one part here; with --ray give --shards N instead")
+        from effdiff.kb.distributed import RayOptions, build_kb_ray
+
+        options = RayOptions(ray_address, shards, actors, actor_cpus)
+        options.check()
+        _echo_build(
+            build_kb_ray(
+                artifacts,
+                read_prompts(prompts_file),
+                out,
+                settings,
+                _index(index, prompt_index, nprobe, shortlist, jump_quantiles),
+                options,
+                resume=resume,
+                checkpoint_every=checkpoint_every,
+                batch=batch,
+                precision=precision,
+                progress=not quiet,
+                log=lambda m: click.echo(m, err=True),
+            )
+        )
+        return
     report = build_kb(
         artifacts,
         read_prompts(prompts_file),

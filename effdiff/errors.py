@@ -7,3 +7,8 @@ class EffdiffError(Exception):
 
 class ValidationFailed(EffdiffError):
     """Exported graphs ran but differ from PyTorch beyond tolerance; artifacts and report are kept."""
+
+
+class FolderBusy(EffdiffError):
+    """Another live process holds the folder's write lock (e.g. the old owner of a shard that Ray is
+    restarting elsewhere has not exited yet)."""

@@ -10,7 +10,7 @@ import textwrap
 BLOCK = textwrap.dedent(
     """
     import importlib.abc, sys
-    BLOCKED = {"torch", "diffusers", "transformers", "onnx", "onnxscript", "safetensors", "accelerate"}
+    BLOCKED = {"torch", "diffusers", "transformers", "onnx", "onnxscript", "safetensors", "accelerate", "ray"}
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:

@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from effdiff.artifacts import Manifest, atomic_path, folder_lock, read_json, write_json
+from effdiff.artifacts import (
+    Manifest,
+    atomic_path,
+    folder_lock,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
 from effdiff.errors import EffdiffError
 from effdiff.kb.adaptive import JumpPolicy, default_quantiles
 from effdiff.kb.index import (
@@ -236,7 +243,12 @@ def _new_arrays(out: Path, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> It
 # ---------------------------------------------------------------- build
 
 
-def _prompts_sha(prompts: list[str]) -> str:
+def chosen_precision(manifest: Manifest, precision: str | None) -> str:
+    """The UNet precision a build runs at: the one asked for, else the artifacts' default."""
+    return manifest.default_precision().value if precision is None else precision
+
+
+def prompts_sha256(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
@@ -267,9 +279,14 @@ def build_kb(
     precision: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    pipeline: Any | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> BuildReport:
     """Generate the entries of `prompts` x `settings.seeds` (or one shard of them) into `out`: a
-    searchable KB, or for a shard a part for `merge_kb`. See the module docstring for resume rules."""
+    searchable KB, or for a shard a part for `merge_kb`. See the module docstring for resume rules.
+    `pipeline`: these artifacts already loaded at `precision` (a Ray actor loads them once for all the
+    shards it builds); `on_progress(n)`: called with the entries of this build done so far (checkpointed
+    earlier or generated now) after each batch."""
     from effdiff.runtime.pipeline import Pipeline
 
     started = time.perf_counter()
@@ -282,7 +299,7 @@ def build_kb(
             raise EffdiffError(f"{name} must be an integer >= 1, got {value!r}")
     index.check(settings.value_steps)
     manifest = Manifest.read(Path(artifacts))
-    chosen = manifest.default_precision().value if precision is None else precision
+    chosen = chosen_precision(manifest, precision)
     total = len(prompts) * len(settings.seeds)
     start, stop = shard_range(total, shard)
     if stop <= start:
@@ -296,7 +313,7 @@ def build_kb(
         state = {
             "tie": tie["hash"],
             "settings": settings.to_json(),
-            "prompts_sha256": _prompts_sha(prompts),
+            "prompts_sha256": prompts_sha256(prompts),
             "range": [start, stop],
             "shard": list(shard) if shard else None,
             "checkpoint_every": checkpoint_every,
@@ -312,18 +329,25 @@ def build_kb(
         else:
             partial.mkdir(parents=True, exist_ok=True)
             write_json(partial / STATE, state)
+        for folder in (out, partial):  # what a killed writer left half-written; we hold the lock
+            remove_stale_temporaries(folder)
         chunks = _chunks(start, stop, checkpoint_every)
         missing = [c for c in chunks if not _chunk_path(partial, *c).exists()]
         resumed = sum(b - a for a, b in chunks) - sum(b - a for a, b in missing)
         if resumed:
             log(f"resuming: {resumed} of {stop - start} entries are in checkpoints")
-        pipe = Pipeline.load(artifacts, precision=chosen, lean=False) if missing else None
+        pipe = pipeline
+        if pipe is None and missing:
+            pipe = Pipeline.load(artifacts, precision=chosen, lean=False)
         height, width = (
             settings.height or manifest.export_size[0] * manifest.geometry.vae_factor,
             settings.width or manifest.export_size[1] * manifest.geometry.vae_factor,
         )
         seeds = list(settings.seeds)
         bar = tqdm(total=stop - start, initial=resumed, desc="kb build", unit="entry", disable=not progress)
+        done = resumed
+        if on_progress is not None:
+            on_progress(done)
         for a, b in missing:
             parts: list[tuple[np.ndarray, ...]] = []
             for s0 in range(a, b, batch):
@@ -332,6 +356,9 @@ def build_kb(
                 batch_seeds = [seeds[e % len(seeds)] for e in ids]
                 parts.append(generate_entries(pipe, batch_prompts, batch_seeds, settings, height, width))
                 bar.update(len(ids))
+                done += len(ids)
+                if on_progress is not None:
+                    on_progress(done)
             ids = np.arange(a, b)
             numbers = np.stack([ids // len(seeds), np.asarray(seeds)[ids % len(seeds)]], 1)
             _write_chunk(
@@ -367,7 +394,7 @@ def build_kb(
             tie=tie,
             settings=settings,
             latent_shape=(c, lat_h, lat_w),
-            prompts_sha256=_prompts_sha(prompts),
+            prompts_sha256=prompts_sha256(prompts),
             num_prompts=len(prompts),
             entries=n,
             entry_range=(start, stop),
@@ -538,6 +565,7 @@ def merge_kb(
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "a knowledge-base merge"):
         _check_out(out, resume=False)
+        remove_stale_temporaries(out)  # of a merge killed part-way; we hold the lock
         total = first.total_entries
         src = [Path(parts[i]) for i in order]
         shapes = {}
