@@ -717,37 +717,8 @@ def kb_build_cmd(
     settings.check()  # before the prompts or the artifacts are read
     if ray_address is None and (shards is not None or actors is not None):
         raise EffdiffError("--shards and --actors need --ray (one part of a local build: --shard i/n)")
-    if ray_address is not None:
-        if shard:
-            raise EffdiffError("--shard builds one part here; with --ray give --shards N instead")
-        from effdiff.kb.distributed import RayOptions, build_kb_ray
-
-        options = RayOptions(ray_address, shards, actors, actor_cpus)
-        options.check()
-        _echo_build(
-            build_kb_ray(
-                artifacts,
-                read_prompts(prompts_file),
-                out,
-                settings,
-                _index(index, prompt_index, nprobe, shortlist, jump_quantiles),
-                options,
-                resume=resume,
-                checkpoint_every=checkpoint_every,
-                batch=batch,
-                precision=precision,
-                progress=not quiet,
-                log=lambda m: click.echo(m, err=True),
-            )
-        )
-        return
-    report = build_kb(
-        artifacts,
-        read_prompts(prompts_file),
-        out,
-        settings,
-        _index(index, prompt_index, nprobe, shortlist, jump_quantiles),
-        shard=parse_shard(shard) if shard else None,
+    # what a local build and a Ray build share
+    common: dict[str, Any] = dict(
         resume=resume,
         checkpoint_every=checkpoint_every,
         batch=batch,
@@ -755,6 +726,27 @@ def kb_build_cmd(
         progress=not quiet,
         log=lambda m: click.echo(m, err=True),
     )
+    index_options = _index(index, prompt_index, nprobe, shortlist, jump_quantiles)
+    if ray_address is not None:
+        if shard:
+            raise EffdiffError("--shard builds one part here; with --ray give --shards N instead")
+        from effdiff.kb.distributed import RayOptions, build_kb_ray
+
+        options = RayOptions(ray_address, shards, actors, actor_cpus)
+        options.check()
+        report: Any = build_kb_ray(
+            artifacts, read_prompts(prompts_file), out, settings, index_options, options, **common
+        )
+    else:
+        report = build_kb(
+            artifacts,
+            read_prompts(prompts_file),
+            out,
+            settings,
+            index_options,
+            shard=parse_shard(shard) if shard else None,
+            **common,
+        )
     _echo_build(report)
 
 
