@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 .venv/bin/effdiff demo --out benchmarks/results/demo
 [ -f artifacts/sd15-arch/manifest.json ] || .venv/bin/python benchmarks/export_sd15_arch.py --out artifacts/sd15-arch
-.venv/bin/effdiff bench --artifacts artifacts/sd15-arch --configs full,fd --height 256 --width 256 \
-    --repeat 1 --warmup 0 --peers diffusers,deepcache --out benchmarks/results/bench_sd15-arch_256
+# Run on an idle machine: PyTorch (the peers) slows far more than ONNX Runtime under CPU contention.
+.venv/bin/effdiff bench --artifacts artifacts/sd15-arch --configs full,cache:3 --height 256 --width 256 \
+    --repeat 2 --warmup 1 --peers diffusers,deepcache --out benchmarks/results/bench_sd15-arch_256_idle
