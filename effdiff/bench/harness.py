@@ -157,6 +157,11 @@ class BenchSettings:
     seed: int = 0
     max_decoder_batch: int | None = None  # None: the pipeline's choice for the device
 
+    @property
+    def images(self) -> int:
+        """Images per run: every prompt, `batch` times."""
+        return len(self.prompts) * self.batch
+
 
 @dataclass
 class BenchReport:
@@ -181,8 +186,7 @@ class BenchReport:
 
 def _latents(pipe: Pipeline, settings: BenchSettings, height: int, width: int) -> np.ndarray:
     g = pipe.geometry
-    rows = len(settings.prompts) * settings.batch
-    shape = (rows, g.latent_channels, height // g.vae_factor, width // g.vae_factor)
+    shape = (settings.images, g.latent_channels, height // g.vae_factor, width // g.vae_factor)
     return np.random.default_rng(settings.seed).standard_normal(shape).astype(np.float32)
 
 
@@ -414,14 +418,15 @@ def run_bench(
     first = next(iter(pipes.values()))
     h, w = first.default_size()
     h, w = settings.height or h, settings.width or w
-    latents = _latents(first, settings, h, w)
     kb_paths = [c.kb for c in configs if c.kb is not None]
     if kb_paths:  # every configuration starts from noise the KB holds (its seeds in turn), as in ReDi
         from effdiff.kb.build import entry_noise
         from effdiff.kb.store import KBManifest
 
         seeds = KBManifest.read(kb_paths[0]).settings.seeds
-        latents = entry_noise(first, [seeds[i % len(seeds)] for i in range(len(latents))], h, w)
+        latents = entry_noise(first, [seeds[i % len(seeds)] for i in range(settings.images)], h, w)
+    else:
+        latents = _latents(first, settings, h, w)
     runs_total = (settings.warmup + settings.repeat) * (len(configs) + len(peers))
     bar = tqdm(total=runs_total, desc="bench", unit="run", disable=not progress)
     graph_costs: dict[Any, tuple[float, int]] = {}

@@ -46,7 +46,9 @@ INDEX = "index.faiss"
 PROMPT_INDEX = "prompt_index.faiss"
 LOO = "loo.npy"
 ARRAYS = (ENTRIES, KEYS, VALUES, PROMPT_KEYS)
-UNET_GRAPHS = ("unet", "unet_encoder", "unet_decoder")
+# The graphs a KB's trajectories come from, so the ones its tie hashes (not specs.UNET_GRAPHS: the
+# cache recipe's graphs may be exported into the folder later without changing any trajectory).
+TIED_GRAPHS = ("unet", "unet_encoder", "unet_decoder")
 SPACES = ("latent", "prompt")
 
 
@@ -112,7 +114,7 @@ def artifacts_tie(manifest: Manifest, precision: str) -> dict[str, Any]:
     """What ties a KB to the artifacts that generated it: the source model's content hash and the
     sha256 of the UNet variant files that ran, plus one hash over both."""
     unet: dict[str, dict[str, str]] = {}
-    for graph in UNET_GRAPHS:
+    for graph in TIED_GRAPHS:
         variant = manifest.variants(graph).get(precision)
         if variant is not None:
             unet[f"{graph}.{precision}"] = {name: r.sha256 for name, r in sorted(variant.files.items())}
