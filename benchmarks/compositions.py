@@ -26,9 +26,7 @@ from effdiff.kb.build import IndexOptions, build_kb
 from effdiff.kb.store import BuildSettings
 from effdiff.reference.scenes import DEMO_SCENES, REFERENCE_GUIDANCE, disjoint_scenes
 
-CONFIGS = (
-    "full,fd,cache:3,int8,fd+int8,cache:3+int8,kb,kb+fd,kb+cache:3,kb+int8,kb+fd+int8,kb+cache:3+int8"
-)
+CONFIGS = "full,fd,cache:3,int8,fd+int8,cache:3+int8,kb,kb+fd,kb+cache:3,kb+int8,kb+fd+int8,kb+cache:3+int8"
 
 
 def main() -> None:

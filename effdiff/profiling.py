@@ -1,4 +1,5 @@
-"""Memory samplers: host RSS, and device memory through NVML or, on Jetson, the shared system pool.
+"""Memory samplers: host RSS, and device memory through NVML or, on Jetson, the shared system pool; and
+how much CPU other processes took while a measurement ran.
 
 Measuring is opt-in: the runtime starts a sampler only when its caller asks for memory figures
 (`effdiff generate` prints peak RSS; the bench harness wraps timed runs), never on its own.
@@ -7,6 +8,7 @@ Measuring is opt-in: the runtime starts a sampler only when its caller asks for 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -111,3 +113,40 @@ class GpuMemory:
             result = fn()
         self.peak_mib = sampler.peak - sampler.baseline
         return result
+
+
+class OtherProcessesCpu:
+    """Context manager: `share`, the fraction of the machine's CPU time that other processes used while
+    the block ran (0 on an idle machine, 1 when they took every core).
+
+    The load average cannot tell this: a benchmark that runs ONNX Runtime on every core raises the load
+    to the core count by itself. Busy time of the whole machine minus this process's own (children
+    included) can, and it matters because PyTorch peers slow down about 3x under contention against
+    ONNX Runtime's 2x, so ratios from a busy machine flatter effdiff.
+    """
+
+    share: float = 0.0
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        # guest time is already inside user time on Linux; iowait is idle for this purpose
+        return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    def _own(self) -> float:
+        t = self._proc.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self) -> OtherProcessesCpu:
+        self._proc = psutil.Process()
+        self._start = (time.perf_counter(), self._busy(), self._own())
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        wall, busy, own = self._start
+        wall = time.perf_counter() - wall
+        capacity = wall * (psutil.cpu_count() or 1)
+        others = (self._busy() - busy) - (self._own() - own)
+        self.share = min(1.0, max(0.0, others / capacity)) if capacity > 0 else 0.0

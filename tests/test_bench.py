@@ -48,7 +48,8 @@ def test_bench_configs_and_peers_side_by_side(sd1_artifacts: Path, tmp_path: Pat
     ):
         assert (tmp_path / "rep" / name) in written and (tmp_path / "rep" / name).stat().st_size > 0
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert data["schema"] == 2 and data["device"]["cpu"]["cores_logical"] >= 1
+    assert data["schema"] == 3 and data["device"]["cpu"]["cores_logical"] >= 1
+    assert len(data["contention"]) == 2 and all(0.0 <= x <= 1.0 for x in data["contention"])
     rows = list(csv.DictReader((tmp_path / "rep" / "report.csv").open()))
     assert [r["config"] for r in rows] == names
     md = (tmp_path / "rep" / "report.md").read_text()
@@ -186,3 +187,31 @@ def test_target_line_judges_adherence_by_interval_and_speed_by_every_repeat() ->
     assert "(NOT met: target 3x) vs diffusers" in target_line(report)
     wide = [_row(r.name, r.kind, r.speedups, r.quality.get("adherence"), half=0.15) for r in rows]
     assert "adherence not judged" in target_line(BenchReport(2, {}, {}, "", "reference", wide))
+    # a busy machine flatters effdiff against PyTorch peers: no verdict at all
+    busy = BenchReport(3, {}, {}, "", "reference", rows, contention=[0.02, 0.35, 0.04])
+    assert target_line(busy).startswith("target: not judged: other processes took up to 35% of the CPU")
+
+
+def test_other_processes_cpu_counts_a_competing_process_but_not_our_own_work() -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from effdiff.profiling import OtherProcessesCpu
+
+    cores = os.cpu_count() or 1
+    with OtherProcessesCpu() as own:
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:  # this process's own work is not contention
+            pass
+    spin = "import time\nend = time.perf_counter() + 2.5\nwhile time.perf_counter() < end: pass"
+    proc = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)  # past the interpreter's start
+        with OtherProcessesCpu() as other:
+            time.sleep(1.0)
+    finally:
+        proc.wait()
+    assert other.share >= 0.7 / cores  # one spinning process takes one core of `cores`
+    assert own.share < other.share

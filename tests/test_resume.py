@@ -56,9 +56,7 @@ def test_interrupted_export_resumes(
         exporter.export_onnx(str(sd1_folder), out, progress=False)
     assert (out / "unet.onnx").exists(), "graphs finished before the interruption are kept"
     assert not (out / "vae_decoder.onnx").exists(), "no partial graph file"
-    leftovers = [
-        p for p in out.iterdir() if p.name.startswith(".") and p.name not in (LOCK_FILE, STAMP_FILE)
-    ]
+    leftovers = [p for p in out.iterdir() if p.name.startswith(".") and p.name not in (LOCK_FILE, STAMP_FILE)]
     assert not leftovers, f"temporary files left behind: {leftovers}"
     # every graph before the VAE in export order is recorded (the cache recipe's pair included)
     assert set(json.loads((out / "manifest.json").read_text())["graphs"]) == set(GRAPHS) - {"vae_decoder"}

@@ -25,12 +25,12 @@ from effdiff.artifacts import Manifest
 from effdiff.bench.quality import ssim
 from effdiff.compare import psnr
 from effdiff.errors import EffdiffError
-from effdiff.profiling import GpuMemory, PeakRSS
+from effdiff.profiling import GpuMemory, OtherProcessesCpu, PeakRSS
 from effdiff.runtime.pipeline import Pipeline
 from effdiff.runtime.propagation import KeySchedule
 from effdiff.specs import GRAPHS, UNET_GRAPHS, Precision
 
-REPORT_SCHEMA = 2  # 2: interleaved repeats, per-repeat speed-ups, adherence intervals
+REPORT_SCHEMA = 3  # 2: interleaved repeats, per-repeat speed-ups, adherence intervals; 3: contention
 PEERS = ("diffusers", "deepcache")
 
 
@@ -172,6 +172,8 @@ class BenchReport:
     model: str
     rows: list[Row]
     images: dict[str, list[Image.Image]] = field(default_factory=dict, repr=False)
+    # per timed repeat, the share of the machine's CPU other processes used (profiling.OtherProcessesCpu)
+    contention: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -181,6 +183,7 @@ class BenchReport:
             "artifacts": self.artifacts,
             "model": self.model,
             "rows": [asdict(r) for r in self.rows],
+            "contention": self.contention,
         }
 
 
@@ -467,15 +470,18 @@ def run_bench(
             bar.update()
     timed: dict[str, list[Run]] = {r.name: [] for r in runners}
     peaks: dict[str, float] = dict.fromkeys(timed, 0.0)
+    contention: list[float] = []
     for _ in range(settings.repeat):
-        for runner in runners:
-            bar.set_postfix_str(runner.name)
-            with PeakRSS() as mem:
-                got = attempt(runner)
-            if got is not None:
-                timed[runner.name].append(got)
-                peaks[runner.name] = max(peaks[runner.name], mem.peak_gib)
-            bar.update()
+        with OtherProcessesCpu() as others:
+            for runner in runners:
+                bar.set_postfix_str(runner.name)
+                with PeakRSS() as mem:
+                    got = attempt(runner)
+                if got is not None:
+                    timed[runner.name].append(got)
+                    peaks[runner.name] = max(peaks[runner.name], mem.peak_gib)
+                bar.update()
+        contention.append(others.share)
     bar.close()
     rows = [_row(r, timed[r.name], peaks[r.name], settings.steps) for r in runners if timed[r.name]]
     images = {r.name: timed[r.name][-1].images for r in rows}
@@ -502,6 +508,7 @@ def run_bench(
         manifest.source.model,
         rows,
         images,
+        contention,
     )
 
 
