@@ -221,7 +221,8 @@ def main() -> None:
     q = ",".join(f"{x:.4g}" for x in default_quantiles(len(kb.value_steps), span))
     print(f"adaptive policy: quantiles {q} (span {span})", flush=True)
     configs = [
-        KBConfig("kb adaptive", jump=f"adaptive:{q}"),
+        KBConfig("kb adaptive", jump=f"adaptive:{q}"),  # with the default prompt gate
+        KBConfig("kb adaptive, no prompt gate", jump=f"adaptive:{q}", prompt_gate=None),
         KBConfig(f"kb fixed {args.fixed} (ReDi)", jump=str(args.fixed)),
         KBConfig("fd+kb adaptive", jump=f"adaptive:{q}", propagation="fd-ddim50"),
     ]

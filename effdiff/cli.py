@@ -257,6 +257,11 @@ def export_int8_cmd(
 @click.option(
     "--kb-jump", default="adaptive", show_default=True, help="adaptive, adaptive:Q1,..., none or a step"
 )
+@click.option(
+    "--kb-prompt-gate",
+    help="adaptive latent jumps only for prompts this close to a stored one: a quantile of the KB's own "
+    "prompt distances (default 0.95, as the shortest jump's), or off",
+)
 @click.option("--kb-combine", default="lstsq", show_default=True, type=click.Choice(["lstsq", "nearest"]))
 @click.option("--kb-neighbours", default=4, show_default=True, type=int)
 @click.option("--quiet", is_flag=True)
@@ -285,6 +290,7 @@ def generate_cmd(
     kb: Path | None,
     kb_mode: str,
     kb_jump: str,
+    kb_prompt_gate: str | None,
     kb_combine: str,
     kb_neighbours: int,
     quiet: bool,
@@ -328,9 +334,9 @@ def generate_cmd(
     )
     run: Any = pipe
     if knowledge is not None:
-        from effdiff.kb.retrieval import RetrievalStart, jump_policy
+        from effdiff.kb.retrieval import RetrievalStart, as_prompt_gate, jump_policy
 
-        policy = jump_policy(knowledge, kb_jump, kb_mode)
+        policy = jump_policy(knowledge, kb_jump, kb_mode, as_prompt_gate(kb_prompt_gate))
         run = RetrievalStart(pipe, knowledge, kb_mode, kb_combine, kb_neighbours, policy)
     result = run(
         prompt,
@@ -792,8 +798,11 @@ def kb_info_cmd(kb: Path, checksum: bool) -> None:
 @click.option("--artifacts", type=click.Path(path_type=Path), help="reference-model artifacts: adds quality")
 @click.option("--count", default=192, show_default=True, type=int, help="held-in scenes scored")
 @click.option("--jump", default="adaptive", show_default=True, help="as generate --kb-jump")
+@click.option("--prompt-gate", help="as generate --kb-prompt-gate")
 @user_errors
-def kb_eval_cmd(kb: Path, queries: int, artifacts: Path | None, count: int, jump: str) -> None:
+def kb_eval_cmd(
+    kb: Path, queries: int, artifacts: Path | None, count: int, jump: str, prompt_gate: str | None
+) -> None:
     """Recall@1/@10 against exact search and lookup latency; with --artifacts of the reference model,
     UNet evaluations saved against adherence and PSNR on held-in and held-out prompts."""
     from effdiff.kb.evaluate import KBConfig, eval_index, eval_quality, markdown_table
@@ -816,7 +825,9 @@ def kb_eval_cmd(kb: Path, queries: int, artifacts: Path | None, count: int, jump
             "quality needs the reference model's artifacts (effdiff-export onnx --model reference)"
         )
     pipe = Pipeline.load(artifacts)
-    configs = [KBConfig(f"kb {jump}", jump=jump)]
+    from effdiff.kb.retrieval import as_prompt_gate
+
+    configs = [KBConfig(f"kb {jump}", jump=jump, prompt_gate=as_prompt_gate(prompt_gate))]
     rows = []
     for split, scenes in (("held-in", held_in_scenes(count)), ("held-out", held_out_scenes())):
         rows += eval_quality(pipe, knowledge, scenes, split, configs, log=lambda m: click.echo(m, err=True))

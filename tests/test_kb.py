@@ -18,7 +18,7 @@ from effdiff.errors import EffdiffError
 from effdiff.kb.adaptive import JumpPolicy
 from effdiff.kb.build import IndexOptions, build_kb, merge_kb
 from effdiff.kb.evaluate import eval_index, kb_info
-from effdiff.kb.retrieval import RetrievalStart, jump_policy
+from effdiff.kb.retrieval import RetrievalStart, as_prompt_gate, jump_policy
 from effdiff.kb.store import KB_MANIFEST, PARTIAL, BuildSettings, KBManifest, KnowledgeBase
 from effdiff.runtime.pipeline import Pipeline
 from effdiff.specs import Precision
@@ -206,6 +206,32 @@ def test_adaptive_default_and_far_queries(pipe: Pipeline, kb: KnowledgeBase) -> 
     assert res.unet_steps == sum(j.unet_steps for j in res.jumps)
 
 
+def test_prompt_gate_keeps_prompts_unlike_the_kb_from_jumping(pipe: Pipeline, kb: KnowledgeBase) -> None:
+    """A latent can sit beside a stored one while its prompt is unlike every stored prompt: with the
+    gate such an image is generated in full and says why; without it, it jumps."""
+    from effdiff.kb.build import prompt_keys
+
+    far = "a purple fish on a green background"
+    d = kb.search(prompt_keys(pipe.encode_prompt([far], "", 1, 5.0)), 1, "prompt").distances[0, 0]
+    assert d > kb.loo[:, 1].max(), "precondition: a prompt farther than any stored prompt's neighbour"
+    always = JumpPolicy((4, 6), (np.inf, np.inf))  # the latent distance admits every jump
+    unit = noise(pipe, [0, 0])
+    gated = RetrievalStart(pipe, kb, combine="nearest", policy=always.gated(kb.loo[:, 1], 1.0))
+    res = gated([PROMPTS[0], far], latents=unit)
+    assert [j.start_step for j in res.jumps] == [6, None]
+    assert [j.prompt_gated for j in res.jumps] == [False, True]
+    assert "jumps 2->6, full (prompt far from the KB)" in res.summary(2)
+    open_ = RetrievalStart(pipe, kb, combine="nearest", policy=always.gated(kb.loo[:, 1], None))
+    assert [j.start_step for j in open_([PROMPTS[0], far], latents=unit).jumps] == [6, 6]
+    # the default: the KB's adaptive thresholds with the gate at the 0.95 quantile, latent mode only
+    assert kb.policy().prompt_limit == pytest.approx(np.quantile(kb.loo[:, 1], 0.95))
+    assert kb.policy("prompt").prompt_limit == np.inf
+    assert jump_policy(kb, "6").prompt_limit == np.inf  # ReDi's fixed jump stays ungated
+    for bad in ("1.5", "x"):
+        with pytest.raises(EffdiffError, match="prompt gate"):
+            as_prompt_gate(bad)
+
+
 def test_prompt_mode_jumps_before_the_first_step(pipe: Pipeline, kb: KnowledgeBase) -> None:
     runner = RetrievalStart(pipe, kb, mode="prompt", combine="nearest", policy=JumpPolicy.fixed(4))
     res = runner([PROMPTS[1]], latents=noise(pipe, [0]))
@@ -387,6 +413,7 @@ def test_cli_generate_info_and_eval(sd1_artifacts: Path, kb_folder: Path, tmp_pa
     assert "kb (latent): jumps 2->6; UNet steps 4 of 8 (saved 50 %)" in proc.stdout and out.exists()
     info = run("effdiff", "kb", "info", str(kb_folder))
     assert info.returncode == 0 and "entries: 24" in info.stdout and "bytes per entry in RAM" in info.stdout
+    assert "prompt gate (latent jumps): prompt distance <=" in info.stdout
     ev = run("effdiff", "kb", "eval", str(kb_folder), "--queries", "24")
     assert ev.returncode == 0, ev.stderr
     assert "recall@1 1.000" in ev.stdout and "lookup latency per query" in ev.stdout
@@ -408,6 +435,9 @@ def test_cli_bad_input_is_one_line(
     assert_one_line_error(run(*gen, "--artifacts", str(sd2_artifacts)), "built for other artifacts")
     assert_one_line_error(run(*gen, "--artifacts", str(sd1_artifacts), "--steps", "20"), "asks for steps 20")
     assert_one_line_error(run(*gen, "--artifacts", str(sd1_artifacts), "--sampler", "euler"), "sampler euler")
+    assert_one_line_error(
+        run(*gen, "--artifacts", str(sd1_artifacts), "--kb-prompt-gate", "2"), "prompt gate is a quantile"
+    )
     broken = tmp_path / "broken"
     shutil.copytree(kb_folder, broken)
     values = broken / "values.npy"

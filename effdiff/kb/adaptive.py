@@ -7,10 +7,18 @@ query's distance is at most the q_j-quantile of those distances, with q_j fallin
 long jumps only for queries as close as the KB's own closest pairs. A query farther than the
 shortest jump's threshold (a prompt or starting noise unlike anything stored) gets no jump and is
 generated in full.
+
+A latent can be near a stored one while its prompt is not: on the reference model, prompts of
+(kind, colour) pairs the KB never saw land at step 10 beside entries of another colour, and jumping
+there costs colour. So latent-mode jumps also pass a prompt gate: the prompt's text embedding must be
+no farther from the nearest stored prompt than the `prompt_gate` quantile of the KB's own
+leave-one-prompt-out prompt distances (by default the same 0.95 as the shortest jump's).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +28,7 @@ from effdiff.errors import EffdiffError
 
 # q for the shortest jump .. q for the longest, spaced linearly over the value steps.
 DEFAULT_QUANTILES = (0.95, 0.6)
+DEFAULT_PROMPT_GATE = 0.95
 
 
 def default_quantiles(count: int, span: tuple[float, float] = DEFAULT_QUANTILES) -> tuple[float, ...]:
@@ -35,6 +44,7 @@ class JumpPolicy:
     value_steps: tuple[int, ...]
     thresholds: tuple[float, ...]
     label: str = "adaptive"
+    prompt_limit: float = math.inf  # no jump when the prompt is farther than this from every stored one
 
     def __post_init__(self) -> None:
         if len(self.value_steps) != len(self.thresholds) or not self.value_steps:
@@ -67,8 +77,25 @@ class JumpPolicy:
         """Always jump to one value step, whatever the distance (ReDi's rule)."""
         return cls((value_step,), (float("inf"),), f"fixed {value_step}")
 
-    def choose(self, distance: float) -> int | None:
-        """The latest value step whose threshold admits `distance`; None: no jump."""
+    def gated(self, prompt_distances: np.ndarray, quantile: float | None) -> JumpPolicy:
+        """This policy with a prompt gate at `quantile` of the KB's leave-one-out prompt distances
+        (None: no gate)."""
+        if quantile is None:
+            return dataclasses.replace(self, prompt_limit=math.inf)
+        if not 0.0 <= quantile <= 1.0:
+            raise EffdiffError(f"the prompt gate is a quantile within [0, 1], got {quantile:g}")
+        finite = np.asarray(prompt_distances, np.float64)
+        finite = finite[np.isfinite(finite)]
+        limit = float(np.quantile(finite, quantile)) if len(finite) else -1.0
+        return dataclasses.replace(
+            self, prompt_limit=limit, label=f"{self.label}, prompt gate q={quantile:g}"
+        )
+
+    def choose(self, distance: float, prompt_distance: float = 0.0) -> int | None:
+        """The latest value step whose threshold admits `distance`; None: no jump (also when the
+        prompt is beyond the prompt gate)."""
+        if prompt_distance > self.prompt_limit:
+            return None
         best = None
         for step, limit in zip(self.value_steps, self.thresholds, strict=True):
             if distance <= limit:
@@ -76,7 +103,10 @@ class JumpPolicy:
         return best
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "label": self.label,
             "thresholds": dict(zip(map(str, self.value_steps), self.thresholds, strict=True)),
         }
+        if math.isfinite(self.prompt_limit):
+            out["prompt_limit"] = self.prompt_limit
+        return out

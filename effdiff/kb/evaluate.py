@@ -16,6 +16,7 @@ import numpy as np
 
 from effdiff.artifacts import atomic_path
 from effdiff.compare import psnr
+from effdiff.kb.adaptive import DEFAULT_PROMPT_GATE
 from effdiff.kb.build import LOO_NEIGHBOURS, _same_prompt_groups, entry_noise
 from effdiff.kb.store import BuildSettings, KBManifest, KnowledgeBase, check_kb_files
 from effdiff.runtime.propagation import KeySchedule
@@ -77,6 +78,11 @@ class KBInfo:
             out.append(
                 f"jump thresholds ({space}, quantiles {q} of {info['loo_entries']} leave-one-out): {thr}"
             )
+            if "prompt_limit" in info:
+                out.append(
+                    f"prompt gate (latent jumps): prompt distance <= {info['prompt_limit']:.3g} "
+                    f"(quantile {info['prompt_gate']:g} of the leave-one-out prompt distances)"
+                )
         errors = m.adaptive.get("latent", {}).get("value_rel_error", {})
         if errors:
             err = ", ".join(f"{v}: {e['nearest']:.3f}/{e['lstsq']:.3f}" for v, e in errors.items())
@@ -162,6 +168,7 @@ class KBConfig:
     name: str
     mode: str = "latent"
     jump: str = "adaptive"  # as `effdiff generate --kb-jump`
+    prompt_gate: float | None = DEFAULT_PROMPT_GATE  # as `--kb-prompt-gate` (None: off)
     combine: str = "lstsq"
     neighbours: int = 4
     propagation: str = "none"
@@ -310,7 +317,12 @@ def eval_quality(
         log(markdown_table(rows[-1:]).splitlines()[-1])
         for cfg in (c for c in configs if c.propagation == prop):
             runner = RetrievalStart(
-                pipe, kb, cfg.mode, cfg.combine, cfg.neighbours, jump_policy(kb, cfg.jump, cfg.mode)
+                pipe,
+                kb,
+                cfg.mode,
+                cfg.combine,
+                cfg.neighbours,
+                jump_policy(kb, cfg.jump, cfg.mode, cfg.prompt_gate),
             )
             kb_images, steps_run, jumps, enc = [], 0, {}, 0
             for n_chunk, start in enumerate(range(0, len(scenes), chunk)):
@@ -325,7 +337,8 @@ def eval_quality(
                 kb_images += res.images
                 steps_run += res.unet_steps
                 for j in res.jumps:
-                    k = "full" if j.start_step is None else j.start_step
+                    k = j.start_step if j.start_step is not None else "full"
+                    k = "full (prompt gate)" if j.prompt_gated else k
                     jumps[k] = jumps.get(k, 0) + 1
                     enc += encoder_evaluations(prop, s.steps, s.key_step, j.start_step, cfg.mode)
             adh = Adherence.of(clf.run(kb_images)[0], scenes)

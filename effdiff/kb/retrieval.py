@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from effdiff.errors import EffdiffError
-from effdiff.kb.adaptive import JumpPolicy
+from effdiff.kb.adaptive import DEFAULT_PROMPT_GATE, JumpPolicy
 from effdiff.kb.build import prompt_keys
 from effdiff.kb.store import KnowledgeBase
 from effdiff.runtime.graphs import Usage
@@ -44,9 +44,12 @@ class Jump:
     distance: float  # exact L2 to its nearest entry (key-step latents, or prompt embeddings)
     neighbours: tuple[int, ...]  # entry ids, nearest first
     unet_steps: int  # denoising steps it ran
+    prompt_gated: bool = False  # generated in full because its prompt is far from every stored one
 
     def describe(self, key_step: int) -> str:
-        return "full" if self.start_step is None else f"{key_step}->{self.start_step}"
+        if self.start_step is None:
+            return "full (prompt far from the KB)" if self.prompt_gated else "full"
+        return f"{key_step}->{self.start_step}"
 
 
 @dataclass
@@ -177,7 +180,11 @@ class RetrievalStart:
                 here, queries, space = 0, prompt_keys(cond), "prompt"
             t_look = time.perf_counter()
             found = kb.search(queries, self.neighbours, space)
-            starts = [self.policy.choose(float(d)) for d in found.distances[:, 0]]
+            prompt_d = np.zeros(batch, np.float32)
+            if space == "latent" and np.isfinite(self.policy.prompt_limit):
+                prompt_d = kb.search(prompt_keys(cond), 1, "prompt").distances[:, 0]
+            pairs = zip(found.distances[:, 0], prompt_d, strict=True)
+            starts = [self.policy.choose(float(d), float(pd)) for d, pd in pairs]
             start_of = [here if v is None else v for v in starts]
             blended = {
                 r: kb.blend(queries[r], found.ids[r], v, self.combine, space)
@@ -213,6 +220,7 @@ class RetrievalStart:
                 float(found.distances[r, 0]),
                 tuple(int(i) for i in found.ids[r] if i >= 0),
                 s.steps - (start_of[r] - here) if starts[r] is not None else s.steps,
+                bool(prompt_d[r] > self.policy.prompt_limit),
             )
             for r in range(batch)
         ]
@@ -245,13 +253,31 @@ def as_float_list(text: str) -> tuple[float, ...]:
         raise EffdiffError(f"expected numbers separated by commas, got {text!r}") from None
 
 
-def jump_policy(kb: KnowledgeBase, jump: str, mode: str = "latent") -> JumpPolicy:
+def as_prompt_gate(text: str | None) -> float | None:
+    """`off` or a quantile within [0, 1] (CLI text for the prompt gate); None: the default."""
+    if text is None:
+        return DEFAULT_PROMPT_GATE
+    if text.strip().lower() == "off":
+        return None
+    try:
+        q = float(text)
+    except ValueError:
+        raise EffdiffError(f"the prompt gate is a quantile within [0, 1] or 'off', got {text!r}") from None
+    if not 0.0 <= q <= 1.0:
+        raise EffdiffError(f"the prompt gate is a quantile within [0, 1] or 'off', got {text!r}")
+    return q
+
+
+def jump_policy(
+    kb: KnowledgeBase, jump: str, mode: str = "latent", prompt_gate: float | None = DEFAULT_PROMPT_GATE
+) -> JumpPolicy:
     """`adaptive` (the KB's thresholds), `adaptive:Q1,Q2,...` (other quantiles per value step),
-    a value step number (always jump there), or `none` (never jump)."""
+    a value step number (always jump there, as ReDi does: no prompt gate), or `none` (never jump).
+    Adaptive latent jumps pass the prompt gate at quantile `prompt_gate` (None: no gate)."""
     if jump == "adaptive":
-        return kb.policy(mode)
+        return kb.policy(mode, prompt_gate=prompt_gate)
     if jump.startswith("adaptive:"):
-        return kb.policy(mode, as_float_list(jump.split(":", 1)[1]))
+        return kb.policy(mode, as_float_list(jump.split(":", 1)[1]), prompt_gate)
     if jump == "none":
         return JumpPolicy(kb.value_steps, tuple(-1.0 for _ in kb.value_steps), "none")
     try:

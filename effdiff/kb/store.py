@@ -31,7 +31,7 @@ import numpy as np
 from effdiff import __version__
 from effdiff.artifacts import FileRecord, Manifest, read_json, sha256_file, write_json
 from effdiff.errors import EffdiffError
-from effdiff.kb.adaptive import JumpPolicy
+from effdiff.kb.adaptive import DEFAULT_PROMPT_GATE, JumpPolicy
 from effdiff.kb.index import IndexInfo, read_index_mmap, search_threads, set_nprobe
 
 KB_MANIFEST = "kb.json"
@@ -346,11 +346,18 @@ class KnowledgeBase:
 
     # ------------------------------------------------------------ search
 
-    def policy(self, space: str = "latent", quantiles: tuple[float, ...] | None = None) -> JumpPolicy:
-        """The jump thresholds recorded at build time, or ones derived now from other quantiles."""
-        col = 1 if _prompt_space(space) else 0
+    def policy(
+        self,
+        space: str = "latent",
+        quantiles: tuple[float, ...] | None = None,
+        prompt_gate: float | None = DEFAULT_PROMPT_GATE,
+    ) -> JumpPolicy:
+        """The jump thresholds recorded at build time, or ones derived now from other quantiles; in
+        latent space with the prompt gate at quantile `prompt_gate` (None: no gate)."""
+        prompt = _prompt_space(space)
         q = tuple(self.manifest.adaptive[space]["quantiles"]) if quantiles is None else tuple(quantiles)
-        return JumpPolicy.from_distances(self.loo[:, col], self.value_steps, q)
+        policy = JumpPolicy.from_distances(self.loo[:, 1 if prompt else 0], self.value_steps, q)
+        return policy if prompt else policy.gated(self.loo[:, 1], prompt_gate)
 
     def search(
         self,
