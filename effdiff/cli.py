@@ -303,11 +303,14 @@ def generate_cmd(
     from effdiff.runtime.schedulers import sampler_class
 
     check_writable_file(out, ".png")
-    knowledge = None
+    knowledge = policy = None
     if kb is not None:
+        from effdiff.kb.retrieval import as_prompt_gate, jump_policy
         from effdiff.kb.store import KnowledgeBase
 
         knowledge = KnowledgeBase.open(kb)
+        # the jump options are checked before any session loads, as the other options are
+        policy = jump_policy(knowledge, kb_jump, kb_mode, as_prompt_gate(kb_prompt_gate))
         s = knowledge.settings
         steps = s.steps if steps is None else steps
         sampler = s.sampler if sampler is None else sampler
@@ -334,9 +337,8 @@ def generate_cmd(
     )
     run: Any = pipe
     if knowledge is not None:
-        from effdiff.kb.retrieval import RetrievalStart, as_prompt_gate, jump_policy
+        from effdiff.kb.retrieval import RetrievalStart
 
-        policy = jump_policy(knowledge, kb_jump, kb_mode, as_prompt_gate(kb_prompt_gate))
         run = RetrievalStart(pipe, knowledge, kb_mode, kb_combine, kb_neighbours, policy)
     result = run(
         prompt,
@@ -806,10 +808,12 @@ def kb_eval_cmd(
     """Recall@1/@10 against exact search and lookup latency; with --artifacts of the reference model,
     UNet evaluations saved against adherence and PSNR on held-in and held-out prompts."""
     from effdiff.kb.evaluate import KBConfig, eval_index, eval_quality, markdown_table
+    from effdiff.kb.retrieval import as_prompt_gate
     from effdiff.kb.store import KnowledgeBase
 
     if queries < 1 or count < 1:
         raise EffdiffError("--queries and --count must be >= 1")
+    gate = as_prompt_gate(prompt_gate)
     knowledge = KnowledgeBase.open(kb)
     for space in ("latent", "prompt"):
         for line in eval_index(knowledge, queries, space).lines():
@@ -825,9 +829,7 @@ def kb_eval_cmd(
             "quality needs the reference model's artifacts (effdiff-export onnx --model reference)"
         )
     pipe = Pipeline.load(artifacts)
-    from effdiff.kb.retrieval import as_prompt_gate
-
-    configs = [KBConfig(f"kb {jump}", jump=jump, prompt_gate=as_prompt_gate(prompt_gate))]
+    configs = [KBConfig(f"kb {jump}", jump=jump, prompt_gate=gate)]
     rows = []
     for split, scenes in (("held-in", held_in_scenes(count)), ("held-out", held_out_scenes())):
         rows += eval_quality(pipe, knowledge, scenes, split, configs, log=lambda m: click.echo(m, err=True))

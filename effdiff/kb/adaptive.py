@@ -37,6 +37,16 @@ def default_quantiles(count: int, span: tuple[float, float] = DEFAULT_QUANTILES)
     return tuple(float(q) for q in np.linspace(span[0], span[1], count))
 
 
+def prompt_limit(prompt_distances: np.ndarray, quantile: float) -> float:
+    """The prompt gate: `quantile` of the KB's leave-one-out prompt distances (-1: nothing to
+    calibrate on, so every prompt is beyond it)."""
+    if not 0.0 <= quantile <= 1.0:
+        raise EffdiffError(f"the prompt gate is a quantile within [0, 1], got {quantile:g}")
+    finite = np.asarray(prompt_distances, np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(np.quantile(finite, quantile)) if len(finite) else -1.0
+
+
 @dataclass(frozen=True)
 class JumpPolicy:
     """Per value step (ascending), the largest distance that still allows jumping to it."""
@@ -82,11 +92,7 @@ class JumpPolicy:
         (None: no gate)."""
         if quantile is None:
             return dataclasses.replace(self, prompt_limit=math.inf)
-        if not 0.0 <= quantile <= 1.0:
-            raise EffdiffError(f"the prompt gate is a quantile within [0, 1], got {quantile:g}")
-        finite = np.asarray(prompt_distances, np.float64)
-        finite = finite[np.isfinite(finite)]
-        limit = float(np.quantile(finite, quantile)) if len(finite) else -1.0
+        limit = prompt_limit(prompt_distances, quantile)
         return dataclasses.replace(
             self, prompt_limit=limit, label=f"{self.label}, prompt gate q={quantile:g}"
         )

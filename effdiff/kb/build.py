@@ -40,7 +40,7 @@ from effdiff.artifacts import (
     write_json,
 )
 from effdiff.errors import EffdiffError
-from effdiff.kb.adaptive import DEFAULT_PROMPT_GATE, JumpPolicy, default_quantiles
+from effdiff.kb.adaptive import DEFAULT_PROMPT_GATE, JumpPolicy, default_quantiles, prompt_limit
 from effdiff.kb.index import (
     DEFAULT_FACTORY,
     IndexInfo,
@@ -512,8 +512,8 @@ def _finalize(
         if near:
             errors[str(v)] = {"nearest": float(np.mean(near)), "lstsq": float(np.mean(blend))}
     adaptive["latent"]["value_rel_error"] = errors
-    gated = JumpPolicy.from_distances(loo[:, 0], steps, quantiles).gated(loo[:, 1], DEFAULT_PROMPT_GATE)
-    adaptive["latent"].update(prompt_gate=DEFAULT_PROMPT_GATE, prompt_limit=gated.prompt_limit)
+    limit = prompt_limit(loo[:, 1], DEFAULT_PROMPT_GATE)
+    adaptive["latent"].update(prompt_gate=DEFAULT_PROMPT_GATE, prompt_limit=limit)
     manifest.adaptive = adaptive
     if not len(loo[np.isfinite(loo[:, 0])]):
         report.notes.append("no entry has a neighbour of another prompt: adaptive jumps are disabled")
