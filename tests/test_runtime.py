@@ -131,6 +131,28 @@ def test_lean_mode_same_result_and_releases_sessions(sd1_artifacts: Path, pipe1:
     assert a.peak_rss_gib is not None and a.peak_rss_gib > 0 and b.peak_rss_gib is None
 
 
+def test_sessions_that_take_turns_stop_spinning(pipe1: Pipeline) -> None:
+    """Graphs that alternate with another in the loop release the cores when run() returns (an idle
+    session's spinning threads would slow the next graph's run); the whole UNet, run back to back,
+    keeps ONNX Runtime's spinning, and an explicit option still wins."""
+    entry = "session.force_spinning_stop"
+
+    def stops(graph: object) -> str:
+        return graph.graph.session.get_session_options().get_session_config_entry(entry)  # type: ignore[attr-defined]
+
+    for name in ("unet_encoder", "unet_decoder", "unet_deep", "unet_shallow", "text_encoder", "vae_decoder"):
+        assert stops(pipe1.open_graph(name)) == "1", name
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: ORT's default
+        stops(pipe1.open_graph("unet"))
+    from effdiff.runtime.backends.ort import OrtBackend
+
+    spec = pipe1.specs["unet_decoder"]
+    graph = OrtBackend(session_options={f"config:{entry}": "0"}).open(
+        pipe1.artifacts / "unet_decoder.onnx", spec
+    )
+    assert graph.session.get_session_options().get_session_config_entry(entry) == "0"
+
+
 def test_tiled_vae_close_to_whole(pipe1: Pipeline) -> None:
     lat = unit_latents(1, 16)
     whole = pipe1("a tree", steps=2, latents=lat, height=128, width=128)
