@@ -33,6 +33,7 @@ from effdiff.calib.quantize import QuantizeOptions, quantize_artifacts
 
 KINDS = {
     "static": QuantizeOptions(method="minmax"),
+    "static-fp32w": QuantizeOptions(method="minmax", float_weights="fp32"),  # float layers stored fp32
     "static-cpu": QuantizeOptions(method="minmax", target="cpu"),
     "dynamic": QuantizeOptions(mode="dynamic"),
 }

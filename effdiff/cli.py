@@ -146,6 +146,13 @@ def export_onnx_cmd(
     type=click.Choice(["propagation", "whole", "random"]),
     help="inputs the halves are calibrated on (whole: no propagation; random: N(0,1))",
 )
+@click.option(
+    "--float-weights",
+    default="fp16",
+    show_default=True,
+    type=click.Choice(["fp16", "fp32"]),
+    help="storage of the weights of layers kept in float (fp16 is cast back to fp32 at load)",
+)
 @click.option("--steps", default=50, show_default=True, type=int)
 @click.option("--sampler", default="ddim", show_default=True)
 @click.option("--propagation", default="fd-ddim50", show_default=True, help="key-step schedule captured")
@@ -175,6 +182,7 @@ def export_int8_cmd(
     exclude: tuple[str, ...],
     no_default_exclude: bool,
     calibrate_on: str,
+    float_weights: str,
     steps: int,
     sampler: str,
     propagation: str,
@@ -205,6 +213,7 @@ def export_int8_cmd(
         exclude=(*(() if no_default_exclude else DEFAULT_EXCLUDE), *exclude),
         source=calibrate_on,
         graphs=tuple(g for g in graphs.split(",") if g),
+        float_weights=float_weights,
     )
     report = quantize_artifacts(
         artifacts, options, settings, calib_dir, progress=not quiet, log=lambda m: click.echo(m, err=True)
