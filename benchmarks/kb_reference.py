@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--unseen", type=int, default=64, help="held-in prompts from unseen noise")
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--cache", type=Path, default=Path("runs/kb-eval-cache"), help="full runs kept here")
+    parser.add_argument("--configs", default="", help="only these KB configurations (comma-separated names)")
+    parser.add_argument("--splits", default="held-in,held-out")
     parser.add_argument(
         "--baselines-only", action="store_true", help="only the full runs (no KB needed): start them early"
     )
@@ -225,12 +227,16 @@ def main() -> None:
         KBConfig("kb adaptive, no prompt gate", jump=f"adaptive:{q}", prompt_gate=None),
         KBConfig(f"kb fixed {args.fixed} (ReDi)", jump=str(args.fixed)),
         KBConfig("fd+kb adaptive", jump=f"adaptive:{q}", propagation="fd-ddim50"),
+        KBConfig("kb+cache:3 adaptive", jump=f"adaptive:{q}", propagation="cache:3"),
     ]
+    if args.configs:
+        configs = [c for c in configs if c.name in args.configs.split(",")]
     rows = []
-    for split, scenes in (("held-in", held_in), ("held-out", held_out_scenes())):
+    splits = (("held-in", held_in), ("held-out", held_out_scenes()))
+    for split, scenes in (x for x in splits if x[0] in args.splits.split(",")):
         print(f"{split}: {len(scenes)} images", flush=True)
         rows += eval_quality(pipe, kb, scenes, split, configs, cache=args.cache)
-    if args.unseen:
+    if args.unseen and configs and configs[0].name == "kb adaptive":
         rows += eval_quality(
             pipe, kb, unseen, "held-in, unseen noise", configs[:1], seeds=unseen_seeds, cache=args.cache
         )
