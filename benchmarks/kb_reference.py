@@ -236,9 +236,10 @@ def main() -> None:
     for split, scenes in (x for x in splits if x[0] in args.splits.split(",")):
         print(f"{split}: {len(scenes)} images", flush=True)
         rows += eval_quality(pipe, kb, scenes, split, configs, cache=args.cache)
-    if args.unseen and configs and configs[0].name == "kb adaptive":
+    adaptive = [c for c in configs if c.name == "kb adaptive"]
+    if args.unseen and adaptive:
         rows += eval_quality(
-            pipe, kb, unseen, "held-in, unseen noise", configs[:1], seeds=unseen_seeds, cache=args.cache
+            pipe, kb, unseen, "held-in, unseen noise", adaptive, seeds=unseen_seeds, cache=args.cache
         )
     print(cpu_flags())
     print(markdown_table(rows))

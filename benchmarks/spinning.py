@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from int8_reference import machine  # benchmarks/ is this script's folder, so it is on sys.path
 
 from effdiff.reference.scenes import DEMO_SCENES, REFERENCE_GUIDANCE
 from effdiff.runtime.backends.ort import OrtBackend
@@ -35,8 +36,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
-    flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "avx512_vnni"})
-    print(f"CPU flags: {' '.join(flags)}; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"machine: {machine()}", flush=True)
     pipes = {
         name: Pipeline.load(args.artifacts, backend=OrtBackend(session_options=opts))
         for name, opts in SETTINGS.items()

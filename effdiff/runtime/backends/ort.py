@@ -90,9 +90,8 @@ class OrtGraph:
         opts.log_severity_level = 3  # keep ORT's own warnings off the user's terminal
         if threads:
             opts.intra_op_num_threads = threads
-        if spec.name not in SPIN_BETWEEN_RUNS and "config:session.force_spinning_stop" not in (options or {}):
-            opts.add_session_config_entry("session.force_spinning_stop", "1")
-        for key, value in (options or {}).items():
+        defaults = {} if spec.name in SPIN_BETWEEN_RUNS else {"config:session.force_spinning_stop": "1"}
+        for key, value in {**defaults, **(options or {})}.items():  # the caller's options win
             if key.startswith("config:"):
                 opts.add_session_config_entry(key[len("config:") :], str(value))
             else:
