@@ -21,9 +21,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("artifacts/sd15-arch"))
     parser.add_argument("--size", type=int, default=256, help="image size validated (pixels)")
+    parser.add_argument("--attention", default="standard", choices=["standard", "fused"])
     args = parser.parse_args()
     start = time.perf_counter()
-    report = export_onnx("sd15-arch", args.out, ExportRecipe(height=args.size, width=args.size), log=print)
+    report = export_onnx(
+        "sd15-arch",
+        args.out,
+        ExportRecipe(height=args.size, width=args.size, attention=args.attention),
+        log=print,
+    )
     total = time.perf_counter() - start
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "

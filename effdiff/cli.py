@@ -82,6 +82,14 @@ main.add_command(export_main)
     type=int,
     help="DeepCache's branch (3 x block + layer) for the unet_deep/unet_shallow graphs",
 )
+@click.option(
+    "--attention",
+    default="standard",
+    show_default=True,
+    type=click.Choice(["standard", "fused"]),
+    help="fused: ONNX Runtime's MultiHeadAttention in the UNet and VAE graphs (less memory, faster; "
+    "ONNX Runtime only, not TensorRT)",
+)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @user_errors
 def export_onnx_cmd(
@@ -92,6 +100,7 @@ def export_onnx_cmd(
     height: int | None,
     width: int | None,
     cache_branch: int,
+    attention: str,
     quiet: bool,
 ) -> None:
     """Split the UNet into encoder/decoder (and DeepCache's deep/shallow graphs), export every graph to
@@ -99,7 +108,12 @@ def export_onnx_cmd(
     from effdiff.export.onnx import ExportRecipe, Precision, export_onnx
 
     recipe = ExportRecipe(
-        opset=opset, precision=Precision(precision), height=height, width=width, cache_branch=cache_branch
+        opset=opset,
+        precision=Precision(precision),
+        height=height,
+        width=width,
+        cache_branch=cache_branch,
+        attention=attention,
     )
     report = export_onnx(model, out, recipe, progress=not quiet, log=lambda m: click.echo(m, err=True))
     click.echo(report.table())

@@ -126,3 +126,48 @@ def test_decoder_boundary_checks_rows_against_batch(sd1_artifacts: Path) -> None
     feeds["skip_00"] = feeds["skip_00"][:1]
     with pytest.raises(ValueError, match="does not agree"):
         decoder.run(feeds)
+
+
+def test_fused_attention_graph_matches_the_standard_one(sd1_artifacts: Path, tmp_path: Path) -> None:
+    """`--attention fused`: ONNX Runtime's MultiHeadAttention in place of MatMul-Softmax-MatMul, the same
+    outputs at a shape other than the traced one (batch 3, non-square), self- and cross-attention."""
+    pytest.importorskip("torch")
+    from effdiff.export.graphs import EXPORTS
+    from effdiff.export.models import load_component, resolve_model
+    from effdiff.export.onnx import _export_graph
+    from effdiff.specs import Precision
+
+    manifest = Manifest.read(sd1_artifacts)
+    spec = manifest.specs()["unet_encoder"]
+    export = EXPORTS["unet_encoder"]
+    module = export.module(load_component(resolve_model(manifest.source.path), "unet"), manifest.geometry)
+    trace = spec.sample_inputs(1, 8, 8, np.random.default_rng(0), timesteps=np.array([500.0]))
+    files = _export_graph(module, spec, trace, tmp_path / "enc.onnx", 20, Precision.FP32, "fused")
+    path = next(f for f in files if f.suffix == ".onnx")
+    ops = {(n.domain, n.op_type) for n in onnx.load(str(path)).graph.node}
+    assert ("com.microsoft", "MultiHeadAttention") in ops and ("", "Softmax") not in ops
+    feeds = spec.sample_inputs(3, 12, 8, np.random.default_rng(1), timesteps=np.array([999.0, 500.0, 1.0]))
+    fused = OrtGraph(path, spec).run(feeds)
+    standard = OrtGraph(graph_file(sd1_artifacts, "unet_encoder"), spec).run(feeds)
+    for name, want in standard.items():
+        rel = np.linalg.norm(fused[name] - want) / np.linalg.norm(want)
+        assert rel < 1e-5, f"{name}: fused vs standard attention, relative L2 {rel:.2e}"
+
+
+def test_fused_attention_refused_where_it_cannot_run(sd1_artifacts: Path, tmp_path: Path) -> None:
+    from effdiff.errors import EffdiffError
+    from effdiff.export.attention import translation_table
+    from effdiff.export.onnx import ExportRecipe, export_onnx
+    from effdiff.export.trt import build_engines
+
+    assert translation_table("fused", "text_encoder") is None  # causal attention stays standard
+    assert translation_table("standard", "unet") is None
+    with pytest.raises(EffdiffError, match="attention must be one of standard, fused"):
+        export_onnx("tiny-sd1", tmp_path / "x", ExportRecipe(attention="flash"), progress=False)
+    folder = tmp_path / "fused"
+    folder.mkdir()
+    data = json.loads((sd1_artifacts / "manifest.json").read_text())
+    data["recipe"]["attention"] = "fused"
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EffdiffError, match="export with --attention standard for TensorRT"):
+        build_engines(folder, progress=False)

@@ -46,6 +46,7 @@ from effdiff.artifacts import (
 )
 from effdiff.compare import Comparison, worst_table
 from effdiff.errors import EffdiffError, ValidationFailed
+from effdiff.export.attention import check_attention, translation_table
 from effdiff.export.graphs import EXPORTS, TOLERANCE
 from effdiff.export.models import ModelSource, load_component, quiet_libraries, resolve_model
 from effdiff.export.validate import (
@@ -74,15 +75,19 @@ class ExportRecipe:
     height: int | None = None  # image pixels; default: the UNet's sample_size x VAE factor
     width: int | None = None
     cache_branch: int = 0  # DeepCache's branch for the unet_deep / unet_shallow graphs
+    attention: str = "standard"  # or "fused": ONNX Runtime's MultiHeadAttention (effdiff.export.attention)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "opset": self.opset,
             "precision": self.precision.value,
             "height": self.height,
             "width": self.width,
             "cache_branch": self.cache_branch,
         }
+        if self.attention != "standard":  # recipes written before the option keep their keys
+            out["attention"] = self.attention
+        return out
 
 
 @dataclass
@@ -117,7 +122,13 @@ class ExportReport:
 
 
 def _export_graph(
-    module: Any, spec: GraphSpec, feeds: dict[str, np.ndarray], dest: Path, opset: int, precision: Precision
+    module: Any,
+    spec: GraphSpec,
+    feeds: dict[str, np.ndarray],
+    dest: Path,
+    opset: int,
+    precision: Precision,
+    attention: str = "standard",
 ) -> list[Path]:
     """torch.onnx (dynamo) export into a temp folder beside `dest`; returns the files written there."""
     torch = require("torch")
@@ -140,6 +151,7 @@ def _export_graph(
                 input_names=spec.input_names,
                 output_names=spec.output_names,
                 dynamic_shapes=EXPORTS[spec.name].dynamic_shapes(spec),
+                custom_translation_table=translation_table(attention, spec.name),
                 verbose=False,
             )
             program.save(str(tmp / dest.name), external_data=external)
@@ -314,6 +326,7 @@ def export_onnx(
     recipe = recipe or ExportRecipe()
     if recipe.precision not in ONNX_PRECISIONS:
         raise EffdiffError("ONNX export writes fp32 or fp16; for int8 run `effdiff-export int8` afterwards")
+    check_attention(recipe.attention)
     log = log or (lambda _msg: None)
     source = resolve_model(model)  # cheap for a folder: a bad path is named before torch loads
     quiet_libraries()  # the first import of the `export` extra: a missing one is named next
@@ -396,7 +409,9 @@ def _export_locked(
             trace_feeds = to_graph_dtype(
                 spec, case_inputs(spec, cases[0], ehs, ids, np.random.default_rng(0))
             )
-            files = _export_graph(module, spec, trace_feeds, out / file, recipe.opset, recipe.precision)
+            files = _export_graph(
+                module, spec, trace_feeds, out / file, recipe.opset, recipe.precision, recipe.attention
+            )
             stale = set(previous.files if previous else ()) - {f.name for f in files}
             for name in stale:
                 (out / name).unlink(missing_ok=True)

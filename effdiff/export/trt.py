@@ -238,6 +238,12 @@ def build_engines(
     artifacts = Path(artifacts)
     recipe.check()
     manifest = Manifest.read(artifacts)
+    if manifest.recipe.get("attention", "standard") != "standard":
+        raise EffdiffError(
+            f"{artifacts} was exported with --attention {manifest.recipe['attention']} (ONNX Runtime's "
+            "MultiHeadAttention), which TensorRT's parser does not read; export with --attention standard "
+            "for TensorRT"
+        )
     sources = source_variants(manifest, recipe.precision)
     for variant in sources.values():
         check_files(artifacts, variant.files)
