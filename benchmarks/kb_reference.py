@@ -17,11 +17,16 @@ and the most saving one whose shape and colour stay within `--margin` of the ent
 generations is kept; (5) the evaluation: full generation, KB configurations and encoder propagation on
 the evaluation prompts, each image starting from one of the KB's seeds in turn (ReDi's protocol of
 shared starting noise), plus held-in prompts from unseen noise, which should get no jump.
+
+A KB built from another schedule's trajectories (`effdiff kb build --propagation cache:3`, or
+`--kb-propagation cache:3` here when the folder is new) is validated on that schedule and is meant for
+its configuration: `--configs "kb+cache:3 adaptive"`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -118,7 +123,7 @@ def validate(pipe: Pipeline, kb: KnowledgeBase, count: int, margin: float, chunk
                     [kb.blend(kb.keys[e], found.ids[start + i], v, "lstsq") for i, e in enumerate(rows)]
                 )
             x = x.reshape(len(rows), *kb.manifest.latent_shape)
-            plan = pipe.plan(s.steps, s.sampler, "none", noise_injection=None)
+            plan = pipe.plan(s.steps, s.sampler, s.propagation, noise_injection=None)  # the KB's own
             images += [*pipe.decode(pipe.denoise(x, cond, plan, start_step=step))]
         from effdiff.runtime.images import to_pil
 
@@ -159,6 +164,9 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts/reference"))
     parser.add_argument("--kb", type=Path, default=Path("runs/kb-reference"))
     parser.add_argument("--index", default="PCA128,PQ16")
+    parser.add_argument(
+        "--kb-propagation", default="none", help="schedule of the trajectories when --kb is built here"
+    )
     parser.add_argument("--count", type=int, default=192, help="held-in scenes scored")
     parser.add_argument("--validate", type=int, default=128, help="KB entries used to choose the quantiles")
     parser.add_argument("--margin", type=float, default=0.02, help="adherence drop allowed in validation")
@@ -200,7 +208,7 @@ def main() -> None:
             args.artifacts,
             [s.prompt for s in disjoint_scenes()],
             args.kb,
-            SETTINGS,
+            dataclasses.replace(SETTINGS, propagation=args.kb_propagation),
             IndexOptions(args.index),
             checkpoint_every=64,
             batch=32,

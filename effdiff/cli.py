@@ -677,6 +677,13 @@ def _echo_build(report: Any) -> None:
 @click.option("--negative-prompt", default="", show_default=True)
 @click.option("--key-step", default=10, show_default=True, type=int)
 @click.option("--value-steps", default="20,25,30", show_default=True)
+@click.option(
+    "--propagation",
+    default="none",
+    show_default=True,
+    help="schedule the trajectories run on, as generate's: none (the whole UNet), cache:N, fd-ddim50, "
+    "uniform:K or 0,1,2,5; build with the schedule the KB will be used with",
+)
 @index_options
 @click.option("--batch", default=32, show_default=True, type=int, help="entries per runtime call")
 @click.option("--checkpoint-every", default=256, show_default=True, type=int, help="entries per checkpoint")
@@ -711,6 +718,7 @@ def kb_build_cmd(
     negative_prompt: str,
     key_step: int,
     value_steps: str,
+    propagation: str,
     index: str,
     prompt_index: str | None,
     nprobe: int,
@@ -733,6 +741,7 @@ def kb_build_cmd(
     from effdiff.kb.build import build_kb, parse_shard, read_prompts
     from effdiff.kb.retrieval import as_int_list
     from effdiff.kb.store import BuildSettings
+    from effdiff.runtime.propagation import KeySchedule
 
     settings = BuildSettings(
         sampler=sampler,
@@ -744,6 +753,7 @@ def kb_build_cmd(
         negative_prompt=negative_prompt,
         height=height,
         width=width,
+        propagation=str(KeySchedule.parse(propagation)),  # one spelling per schedule in kb.json
     )
     settings.check()  # before the prompts or the artifacts are read
     if ray_address is None and (shards is not None or actors is not None):

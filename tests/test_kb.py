@@ -4,6 +4,8 @@ tiny-sd1 (24 entries of 8-step trajectories), real faiss indexes on disk, real o
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -20,7 +22,7 @@ from effdiff.kb.build import IndexOptions, build_kb, merge_kb
 from effdiff.kb.evaluate import eval_index, kb_info
 from effdiff.kb.retrieval import RetrievalStart, as_prompt_gate, jump_policy
 from effdiff.kb.store import KB_MANIFEST, PARTIAL, BuildSettings, KBManifest, KnowledgeBase
-from effdiff.runtime.pipeline import Pipeline
+from effdiff.runtime.pipeline import Hooks, Pipeline
 from effdiff.specs import Precision
 
 from .test_cli import BIN, assert_one_line_error, run
@@ -102,8 +104,6 @@ def test_kb_files_manifest_and_trajectories(kb: KnowledgeBase, pipe: Pipeline, k
     # the stored key and values are the runtime's own trajectory (entry 7 = prompt 3, seed 1)
     seen: dict[int, np.ndarray] = {}
     hooks_on = lambda i, _t, x: seen.__setitem__(i + 1, x.copy())  # noqa: E731
-    from effdiff.runtime.pipeline import Hooks
-
     pipe(
         [PROMPTS[3]], steps=STEPS, guidance_scale=5.0, latents=noise(pipe, [1]), hooks=Hooks(on_step=hooks_on)
     )
@@ -255,6 +255,76 @@ def test_composes_with_the_cache_recipe(pipe: Pipeline, kb: KnowledgeBase) -> No
     assert res.calls["unet_deep"] == 3
     assert res.calls["unet_deep"] + res.calls["unet_shallow"] == res.jumps[0].unet_steps
     assert res.calls.get("unet", 0) == 0 and np.isfinite(res.latents).all()
+
+
+def test_kb_built_on_the_cache_recipe_holds_its_trajectories(
+    pipe: Pipeline, kb: KnowledgeBase, sd1_artifacts: Path, tmp_path: Path
+) -> None:
+    """`propagation="cache:3"`: the keys and values are what a cache:3 generation holds after the key
+    and value steps (not the whole UNet's); kb.json, the tie and `kb info` say so; a generation on
+    another schedule is not refused, its summary names both."""
+    out = tmp_path / "cache3"
+    settings = dataclasses.replace(SETTINGS, propagation="cache:3")
+    build_kb(
+        sd1_artifacts,
+        PROMPTS[:3],
+        out,
+        settings,
+        batch=4,
+        progress=False,
+        log=lambda _m: None,
+        index=IndexOptions("Flat", "Flat"),
+    )
+    cached = KnowledgeBase.open(out)
+    assert cached.settings.propagation == "cache:3"
+    assert json.loads((out / KB_MANIFEST).read_text())["settings"]["propagation"] == "cache:3"
+    assert {"unet_deep.fp32", "unet_shallow.fp32"} <= set(cached.manifest.tie["unet_files"])
+    assert "unet_deep.fp32" not in kb.manifest.tie["unet_files"], "a whole-UNet KB's tie is unchanged"
+    assert "trajectories: propagation cache:3" in "\n".join(kb_info(out).lines())
+    seen: dict[int, np.ndarray] = {}
+    hooks = Hooks(on_step=lambda i, _t, x: seen.__setitem__(i + 1, x.copy()))
+    full_run(pipe, [PROMPTS[1]], noise(pipe, [1]), propagation="cache:3", hooks=hooks)
+    # entry 3 = prompt 1, seed 1, in both KBs
+    np.testing.assert_allclose(cached.keys[3], seen[2].ravel(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cached.values[3, 1], seen[6].ravel(), rtol=2e-3, atol=2e-3)
+    whole = np.asarray(kb.keys[3], np.float32)
+    assert rel(whole, seen[2].ravel()) > 10 * rel(np.asarray(cached.keys[3], np.float32), seen[2].ravel())
+    assert rel(np.asarray(kb.values[3, 1], np.float32), np.asarray(cached.values[3, 1], np.float32)) > 1e-2
+    runner = RetrievalStart(pipe, cached, combine="nearest", policy=JumpPolicy.fixed(4))
+    same = runner([PROMPTS[1]], latents=noise(pipe, [1]), propagation="cache:3")
+    assert "KB built with" not in same.summary(2) and same.jumps[0].distance < 2e-2
+    other = runner([PROMPTS[1]], latents=noise(pipe, [1]))
+    assert "KB built with propagation cache:3, this run none" in other.summary(2)
+    assert other.jumps[0].distance > same.jumps[0].distance
+
+
+def test_resume_with_another_propagation_is_refused(sd1_artifacts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "partial"
+    settings = dataclasses.replace(SETTINGS, seeds=(0,))
+    common = dict(checkpoint_every=1, batch=1, progress=False, log=lambda _m: None)
+    with pytest.raises(EffdiffError, match="needs more training points"):  # leaves its checkpoints
+        build_kb(sd1_artifacts, PROMPTS[:2], out, settings, IndexOptions("PCA256,IVF256,PQ16"), **common)
+    assert (out / PARTIAL / "state.json").exists()
+    cache = dataclasses.replace(settings, propagation="cache:3")
+    with pytest.raises(EffdiffError, match=r"other propagation 'none' \(this run: 'cache:3'\)") as err:
+        build_kb(sd1_artifacts, PROMPTS[:2], out, cache, SMALL, resume=True, **common)
+    assert "\n" not in str(err.value)
+    # a state written before the field existed reads as "none": it resumes without generating again
+    state = out / PARTIAL / "state.json"
+    data = json.loads(state.read_text())
+    del data["settings"]["propagation"]
+    state.write_text(json.dumps(data))
+    flat = IndexOptions("Flat", "Flat")
+    rep = build_kb(sd1_artifacts, PROMPTS[:2], out, settings, flat, resume=True, **common)
+    assert rep.generated == 0 and rep.entries == 2
+    # and so does a kb.json written before it
+    manifest = json.loads((out / KB_MANIFEST).read_text())
+    del manifest["settings"]["propagation"]
+    assert KBManifest.from_json(manifest).settings == settings
+    with pytest.raises(EffdiffError, match="bad key-step schedule"):
+        dataclasses.replace(settings, propagation="cache:x").check()
+    with pytest.raises(EffdiffError, match="preset fd-ddim50 is for 50 steps, not 8"):
+        dataclasses.replace(settings, propagation="fd-ddim50").check()
 
 
 def test_runtime_refuses_a_kb_for_another_run(pipe: Pipeline, kb: KnowledgeBase, sd2_artifacts: Path) -> None:
@@ -463,6 +533,23 @@ def test_cli_bad_input_is_one_line(
         "key step 25 is out of range for 20 steps",
     )
     assert_one_line_error(run(*build, "--prompts", str(prompts), "--shard", "3/2"), "0 <= i < n")
+    assert_one_line_error(
+        run(*build, "--prompts", str(prompts), "--propagation", "cache:x"), "bad key-step schedule"
+    )
+    assert_one_line_error(
+        run(
+            *build,
+            "--prompts",
+            str(prompts),
+            "--steps",
+            "20",
+            "--value-steps",
+            "15",
+            "--propagation",
+            "fd-ddim50",
+        ),
+        "preset fd-ddim50 is for 50 steps, not 20",
+    )
     assert not (tmp_path / "k").exists()
 
 

@@ -12,8 +12,10 @@ looks like a KB.
 
 Trajectories come from the runtime's own loop: `Pipeline.denoise` with a step hook that copies the
 latents after the key step and after each value step, stopping at the last value step (the steps after
-it are never needed). Each entry's starting noise is `numpy.random.default_rng(seed)` over one image,
-which is what `effdiff generate --seed S` draws for its first image.
+it are never needed). They run on the settings' propagation schedule (`none`: the whole UNet at every
+step; `cache:3`: DeepCache's recipe, so the keys are what a `cache:3` generation holds after the key
+step), without noise injection. Each entry's starting noise is `numpy.random.default_rng(seed)` over
+one image, which is what `effdiff generate --seed S` draws for its first image.
 """
 
 from __future__ import annotations
@@ -176,12 +178,12 @@ def generate_entries(
     pipe: Any, prompts: list[str], seeds: list[int], settings: BuildSettings, height: int, width: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One batch of trajectories through the runtime: keys (B, D), values (B, V, D) and prompt keys
-    (B, P), all float16. Runs steps [0, last value step) only."""
+    (B, P), all float16. Runs steps [0, last value step) only, on the settings' propagation schedule."""
     from effdiff.runtime.pipeline import Hooks
 
     s = settings
     cond = pipe.encode_prompt(prompts, s.negative_prompt, 1, s.guidance)
-    plan = pipe.plan(s.steps, s.sampler, "none", noise_injection=None)
+    plan = pipe.plan(s.steps, s.sampler, s.propagation, noise_injection=None)
     unit = entry_noise(pipe, seeds, height, width)
     batch = len(prompts)
     keys = np.zeros((batch, unit[0].size), np.float16)
@@ -252,6 +254,34 @@ def prompts_sha256(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
+def check_graphs(manifest: Manifest, settings: BuildSettings, precision: str) -> None:
+    """EffdiffError in one line, before anything is written, when the artifacts lack a UNet graph the
+    settings' propagation schedule runs (e.g. `cache:3` without the cache recipe's graphs)."""
+    from effdiff.runtime.propagation import KeySchedule
+
+    for graph in KeySchedule.parse(settings.propagation).graphs:
+        try:
+            manifest.choose(graph, precision)
+        except EffdiffError as exc:
+            raise EffdiffError(f"propagation {settings.propagation} runs {graph}: {exc}") from None
+
+
+def state_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between an unfinished build's recorded state and this run's, in words: a setting by
+    name with its recorded value and this run's, anything else by name. A state written before a
+    settings field existed reads that field at its default."""
+    changes = []
+    was = {**BuildSettings().to_json(), **old.get("settings", {})}
+    for key in sorted(new):
+        if key == "settings":
+            changes += [f"{f} {was[f]!r} (this run: {v!r})" for f, v in new[key].items() if was.get(f) != v]
+        elif key == "tie" and was["propagation"] != new["settings"]["propagation"]:
+            continue  # the tie hashes the schedule's graphs, so it follows the propagation named above
+        elif old.get(key) != new[key]:
+            changes.append(key)
+    return changes
+
+
 def _check_out(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise EffdiffError(f"{out} is a file, not a folder for a knowledge base")
@@ -300,6 +330,7 @@ def build_kb(
     index.check(settings.value_steps)
     manifest = Manifest.read(Path(artifacts))
     chosen = chosen_precision(manifest, precision)
+    check_graphs(manifest, settings, chosen)
     total = len(prompts) * len(settings.seeds)
     start, stop = shard_range(total, shard)
     if stop <= start:
@@ -309,7 +340,7 @@ def build_kb(
     with folder_lock(out, "a knowledge-base build"):
         _check_out(out, resume)  # again, now that no other writer can change it
         partial = out / PARTIAL
-        tie = artifacts_tie(manifest, chosen)
+        tie = artifacts_tie(manifest, chosen, settings.tied_graphs())
         state = {
             "tie": tie["hash"],
             "settings": settings.to_json(),
@@ -319,9 +350,8 @@ def build_kb(
             "checkpoint_every": checkpoint_every,
         }
         if (partial / STATE).exists():
-            old = read_json(partial / STATE)
-            if old != state:
-                diff = sorted(k for k in state if old.get(k) != state[k])
+            diff = state_changes(read_json(partial / STATE), state)
+            if diff:
                 raise EffdiffError(
                     f"the unfinished build in {out} was started with other {', '.join(diff)}; resume it "
                     f"with the same options, or delete {partial} to start again"

@@ -36,10 +36,12 @@ from effdiff.kb.build import (
     BuildReport,
     IndexOptions,
     build_kb,
+    check_graphs,
     chosen_precision,
     merge_kb,
     prompts_sha256,
     shard_range,
+    state_changes,
 )
 from effdiff.kb.store import KB_MANIFEST, PARTIAL, BuildSettings, KBManifest, artifacts_tie
 
@@ -277,6 +279,7 @@ def build_kb_ray(
     artifacts, out = Path(artifacts).resolve(), Path(out).resolve()  # actors run in other folders
     manifest = Manifest.read(artifacts)
     chosen = chosen_precision(manifest, precision)
+    check_graphs(manifest, settings, chosen)  # on the driver: no actor starts for a build that cannot run
     total = len(prompts) * len(settings.seeds)
     _check_folder(out, resume)
     shards_dir = out / SHARDS
@@ -302,15 +305,15 @@ def build_kb_ray(
             raise EffdiffError(f"{count} shards for {total} entries: some would be empty; use fewer shards")
         plan = {
             "shards": count,
-            "tie": artifacts_tie(manifest, chosen)["hash"],
+            "tie": artifacts_tie(manifest, chosen, settings.tied_graphs())["hash"],
             "settings": settings.to_json(),
             "prompts_sha256": prompts_sha256(prompts),
             "checkpoint_every": checkpoint_every,
         }
         shards_dir.mkdir(parents=True, exist_ok=True)
         with folder_lock(shards_dir, "a distributed knowledge-base build"):
-            if old_plan is not None and old_plan != plan:
-                diff = sorted(k for k in plan if old_plan.get(k) != plan[k])
+            diff = [] if old_plan is None else state_changes(old_plan, plan)
+            if diff:
                 raise EffdiffError(
                     f"the unfinished build in {out} was started with other {', '.join(diff)}; resume it "
                     f"with the same options, or delete {shards_dir} to start again"

@@ -49,6 +49,8 @@ class KBInfo:
             f"tie {tie['hash'][:12]})",
             f"steps: {s.sampler} {s.steps}, guidance {s.guidance:g}, key step {s.key_step}, value steps "
             f"{','.join(map(str, s.value_steps))}, seeds {','.join(map(str, s.seeds))}",
+            f"trajectories: propagation {s.propagation}"
+            + (" (the whole UNet at every step)" if s.propagation == "none" else ""),
             f"keys: latent {'x'.join(map(str, m.latent_shape))} = {m.key_dim}-d, "
             f"{self.float16_key_bytes} B as float16",
         ]
@@ -242,7 +244,10 @@ def full_runs(
     from effdiff.runtime.pipeline import Hooks
 
     s = settings
-    what = [pipe.manifest.source.content_hash, s.to_json(), prompts, seeds, propagation, chunk]
+    # the run's own `propagation` is what counts, not the KB's: two KBs that differ only in the
+    # schedule of their trajectories share these runs (and the files cached before that field existed)
+    run_settings = {k: v for k, v in s.to_json().items() if k != "propagation"}
+    what = [pipe.manifest.source.content_hash, run_settings, prompts, seeds, propagation, chunk]
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
     path = None if cache is None else Path(cache) / f"full-{digest}.npz"
     if path is not None and path.exists():

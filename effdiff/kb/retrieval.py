@@ -58,6 +58,8 @@ class RetrievalResult(GenerationResult):
     steps: int = 0
     mode: str = "latent"
     lookup_s: float = 0.0  # search + blend, all images
+    propagation: str = "none"  # this run's schedule
+    kb_propagation: str = "none"  # the schedule of the KB's trajectories
 
     @property
     def unet_steps(self) -> int:
@@ -69,12 +71,17 @@ class RetrievalResult(GenerationResult):
         return 1.0 - self.unet_steps / max(1, self.steps * len(self.jumps))
 
     def summary(self, key_step: int) -> str:
-        """'kb: jumps 10->30, full; UNet steps 60 of 100 (saved 40 %)'."""
+        """'kb (latent): jumps 10->30, full; UNet steps 60 of 100 (saved 40 %)', and when the KB's
+        trajectories ran on another schedule than this run, '; KB built with propagation none, this run
+        cache:3' (its key-step latents then lie farther from the keys: fewer jumps)."""
         key = key_step if self.mode == "latent" else 0
         jumps = ", ".join(j.describe(key) for j in self.jumps)
         full = self.steps * len(self.jumps)
         saved = f"saved {100 * self.saved:.0f} %"
-        return f"kb ({self.mode}): jumps {jumps}; UNet steps {self.unet_steps} of {full} ({saved})"
+        line = f"kb ({self.mode}): jumps {jumps}; UNet steps {self.unet_steps} of {full} ({saved})"
+        if self.kb_propagation != self.propagation:
+            line += f"; KB built with propagation {self.kb_propagation}, this run {self.propagation}"
+        return line
 
 
 def _select(cond: Conditioning, rows: np.ndarray) -> Conditioning:
@@ -236,6 +243,8 @@ class RetrievalStart:
             steps=s.steps,
             mode=self.mode,
             lookup_s=lookup_s,
+            propagation=str(plan.schedule),
+            kb_propagation=str(KeySchedule.parse(s.propagation)),
         )
 
 

@@ -4,7 +4,7 @@ Layout (every file is recorded in `kb.json` with its size and sha256; `kb.json` 
 atomically, so a folder without it is not a KB, whatever else it holds):
 
   kb.json             KBManifest: what made it (artifacts hash, sampler, steps, guidance, seeds, key
-                      and value steps), its indexes, its jump thresholds, its files
+                      and value steps, propagation schedule), its indexes, its jump thresholds, its files
   prompts.txt         the build's prompts, one per line (entries refer to them by number)
   entries.npy         (N, 2) int64: prompt number, seed of each entry
   keys.npy            (N, D) float16: latent at the key step, flattened (D = C*h*w)
@@ -47,14 +47,19 @@ PROMPT_INDEX = "prompt_index.faiss"
 LOO = "loo.npy"
 ARRAYS = (ENTRIES, KEYS, VALUES, PROMPT_KEYS)
 # The graphs a KB's trajectories come from, so the ones its tie hashes (not specs.UNET_GRAPHS: the
-# cache recipe's graphs may be exported into the folder later without changing any trajectory).
+# cache recipe's graphs may be exported into the folder later without changing a whole-UNet trajectory).
+# A KB built on another propagation schedule also ties the graphs that schedule runs
+# (`BuildSettings.tied_graphs`).
 TIED_GRAPHS = ("unet", "unet_encoder", "unet_decoder")
 SPACES = ("latent", "prompt")
 
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """How the trajectories of a KB were generated; a query must use the same sampler, steps, guidance."""
+    """How the trajectories of a KB were generated; a query must use the same sampler, steps, guidance.
+    `propagation` is the key-step schedule they ran on (`effdiff generate --propagation`: `none`, the
+    whole UNet at every step, or e.g. `cache:3`), with noise injection off; a query on another schedule
+    is not refused, but its latents at the key step lie farther from the keys (fewer jumps)."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -65,10 +70,12 @@ class BuildSettings:
     negative_prompt: str = ""
     height: int | None = None  # pixels; None: the artifacts' export size
     width: int | None = None
+    propagation: str = "none"  # kb.json files written before this field read as "none"
 
     def check(self) -> None:
         """Step arithmetic, before anything loads; EffdiffError in one line."""
         from effdiff.runtime.pipeline import check_guidance
+        from effdiff.runtime.propagation import KeySchedule
         from effdiff.runtime.schedulers import sampler_class
 
         sampler_class(self.sampler)
@@ -98,6 +105,15 @@ class BuildSettings:
             raise EffdiffError(f"seeds must be integers >= 0, got {list(self.seeds)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise EffdiffError(f"seeds repeat: {list(self.seeds)}")
+        KeySchedule.parse(self.propagation).key_steps(self.steps)  # the schedule fits the step count
+
+    def tied_graphs(self) -> tuple[str, ...]:
+        """The UNet graphs whose files tie a KB of these settings to its artifacts: TIED_GRAPHS (kept for
+        every schedule, so a whole-UNet KB's tie is what it always was) and the schedule's own."""
+        from effdiff.runtime.propagation import KeySchedule
+
+        extra = KeySchedule.parse(self.propagation).graphs
+        return TIED_GRAPHS + tuple(g for g in extra if g not in TIED_GRAPHS)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -110,11 +126,13 @@ class BuildSettings:
         return cls(**{**data, "value_steps": tuple(data["value_steps"]), "seeds": tuple(data["seeds"])})
 
 
-def artifacts_tie(manifest: Manifest, precision: str) -> dict[str, Any]:
+def artifacts_tie(
+    manifest: Manifest, precision: str, graphs: tuple[str, ...] = TIED_GRAPHS
+) -> dict[str, Any]:
     """What ties a KB to the artifacts that generated it: the source model's content hash and the
-    sha256 of the UNet variant files that ran, plus one hash over both."""
+    sha256 of the UNet variant files of `graphs` (`BuildSettings.tied_graphs()`), plus one hash over both."""
     unet: dict[str, dict[str, str]] = {}
-    for graph in TIED_GRAPHS:
+    for graph in graphs:
         variant = manifest.variants(graph).get(precision)
         if variant is not None:
             unet[f"{graph}.{precision}"] = {name: r.sha256 for name, r in sorted(variant.files.items())}
