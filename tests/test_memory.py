@@ -70,6 +70,9 @@ def test_planner_picks_the_fastest_plan_that_fits(sd1_artifacts: Path) -> None:
     assert ranks == sorted(ranks), "a smaller budget never gets a faster plan"
     assert all(p.estimate <= b * GIB and "measured profile" in p.describe() for b, p in plans)
     assert any(p.vae_tile for _, p in plans) and any(p.options == "lean" for _, p in plans)
+    # a tiled VAE beside the resident UNet is tried before the UNet is reloaded every generation
+    tiled = [p for _, p in plans if p.vae_tile]
+    assert tiled[0].resident == graphs and "unet_encoder, unet_decoder resident" in tiled[0].describe()
     assert refused and max(refused) < min(b for b, _ in plans), "refusals only below the leanest plan"
 
 
@@ -83,3 +86,38 @@ def test_pipeline_applies_its_plan(sd1_artifacts: Path, tmp_path: Path) -> None:
         run(*generate, *out, "--memory-budget", "10MiB"), "no plan fits a memory budget of 0.01"
     )
     assert_one_line_error(run(*generate, *out, "--memory-budget", "lots"), "is not a size")
+
+
+def test_profile_is_measured_and_kept_per_variant(sd1_artifacts: Path, tmp_path: Path) -> None:
+    """`effdiff profile-memory` measures real sessions; a second profile (another precision, other
+    graphs) adds to the folder's profile instead of replacing it."""
+    import shutil
+
+    from effdiff.runtime.backends.ort import OrtBackend
+    from effdiff.runtime.memory import profile_memory
+
+    folder = tmp_path / "art"
+    shutil.copytree(sd1_artifacts, folder)
+    manifest = Manifest.read(folder)
+
+    def measure(graphs: tuple[str, ...]) -> MemoryProfile:
+        variants = {g: manifest.variant(g, "fp32") for g in graphs}
+        specs = {g: manifest.spec(g, v) for g, v in variants.items()}
+        return profile_memory(
+            folder, manifest, variants, specs, lambda o: OrtBackend(session_options=o), (16, 16)
+        )
+
+    measure(("text_encoder", "vae_decoder"))
+    measure(("unet",))
+    profile = MemoryProfile.read(folder)
+    assert profile is not None and set(profile.costs) == {"text_encoder", "vae_decoder", "unet"}
+    for variants in profile.costs.values():
+        costs = variants["fp32"]
+        assert set(costs) == {"default", "lean"} and all(c.measured for c in costs.values())
+        # a tiny graph can fit in memory the allocator already holds, but never costs nothing at all
+        assert (
+            costs["default"].resident >= 0 and costs["default"].resident + costs["default"].create_extra > 0
+        )
+    # activations grow with the image: the VAE decode at 16x16 latents peaks above its weights
+    vae = profile.costs["vae_decoder"]["fp32"]["lean"]
+    assert vae.activation(1, 64 * 64) > vae.activation(1, 16 * 16) > 0

@@ -43,7 +43,12 @@ FALLBACK = {
     "default": (1.6, 2.6),
     "lean": (1.1, 1.5),
 }
-FALLBACK_ACTIVATION_PER_ROW_PIXEL = 60_000.0  # bytes; the UNet at 64x64 latents: ~0.5 GiB per row
+# Activation bytes per row and latent pixel of a graph as wide as SD1.5's UNet, lean options, measured
+# at 512x512 (whole UNet, run peak above its session: 3.8 GiB for 2 rows with standard attention, 1.8
+# GiB with --attention fused). The VAE decoder's activations follow its pixels, not its weights: 2.4
+# GiB for one 512x512 image with lean options, 4.7 GiB with the default arena, whichever attention.
+FALLBACK_ACTIVATION_PER_ROW_PIXEL = {"standard": 500_000.0, "fused": 240_000.0}
+FALLBACK_VAE_ACTIVATION_PER_PIXEL = {"default": 1_200_000.0, "lean": 600_000.0}
 
 
 def parse_size(text: str) -> int:
@@ -84,16 +89,20 @@ class MemoryProfile:
     baseline: float = 0.0
     machine: str = ""
 
-    def cost(self, graph: str, variant: Variant, options: str) -> GraphCost:
+    def cost(self, graph: str, variant: Variant, options: str, attention: str = "standard") -> GraphCost:
         found = self.costs.get(graph, {}).get(variant.name, {}).get(options)
         if found is not None:
             return found
         resident, create = FALLBACK[options]
-        return GraphCost(
-            variant.size_bytes * resident,
-            variant.size_bytes * (create - resident),
-            FALLBACK_ACTIVATION_PER_ROW_PIXEL * _width_scale(variant),
+        activation = (
+            FALLBACK_VAE_ACTIVATION_PER_PIXEL[options]
+            if graph == "vae_decoder"
+            else FALLBACK_ACTIVATION_PER_ROW_PIXEL.get(
+                attention, FALLBACK_ACTIVATION_PER_ROW_PIXEL["standard"]
+            )
+            * _width_scale(variant)
         )
+        return GraphCost(variant.size_bytes * resident, variant.size_bytes * (create - resident), activation)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -121,8 +130,9 @@ class MemoryProfile:
 
 def _width_scale(variant: Variant) -> float:
     """Activations of a graph without a profile: proportional to its weights' share of SD1.5's UNet
-    (3.3 GB fp32), a coarse stand-in for its channel widths; fp16 halves them."""
-    weights = variant.size_bytes * (2 if variant.precision.value == "fp16" else 1)
+    (3.3 GB fp32), a coarse stand-in for its channel widths, counted at fp32 size (an INT8 graph's
+    activations are still mostly float); fp16 halves them."""
+    weights = variant.size_bytes * {"fp16": 2, "int8": 4}.get(variant.precision.value, 1)
     return max(0.02, min(1.0, weights / 3.3e9)) * (0.5 if variant.precision.value == "fp16" else 1.0)
 
 
@@ -183,9 +193,11 @@ def plan_memory(
     """The fastest plan whose estimated peak fits `budget`; EffdiffError naming the leanest plan's
     need when none does. Plans, fastest first: everything resident; UNet graphs resident and the text
     encoder and VAE loaded per phase; one component at a time; then each with lean ORT options; then
-    with the VAE in ever smaller tiles."""
+    with the VAE in ever smaller tiles, first with the UNet graphs resident (a tile costs the VAE a
+    little, reloading the UNet every generation costs its whole session creation), then without."""
     profile = profile or MemoryProfile()
     measured = bool(profile.costs)
+    attention = str(manifest.recipe.get("attention", "standard"))
     pixels = latent_hw[0] * latent_hw[1]
     phases = {"text": ("text_encoder",), "unet": unet_graphs, "vae": ("vae_decoder",)}
     candidates: list[tuple[tuple[str, ...], str, int | None]] = []
@@ -193,7 +205,7 @@ def plan_memory(
     tiles = [t for t in (side // 2, side // 4) if t >= 8]
     for options in ("default", "lean"):
         candidates += [(("*",), options, None), (unet_graphs, options, None), ((), options, None)]
-    candidates += [((), "lean", t) for t in tiles]
+    candidates += [(unet_graphs, "lean", t) for t in tiles] + [((), "lean", t) for t in tiles]
 
     images = max(1, rows // 2)  # the VAE decodes images, not the guidance rows
 
@@ -209,12 +221,12 @@ def plan_memory(
 
         def held(g: str) -> float:
             # a resident graph keeps its session; with the default arena also its last run's peak
-            cost = profile.cost(g, variants[g], options)
+            cost = profile.cost(g, variants[g], options, attention)
             return cost.resident + (cost.activation(*args[phase_of[g]]) if options == "default" else 0.0)
 
         worst = 0.0
         for name, graphs in phases.items():
-            costs = [profile.cost(g, variants[g], options) for g in graphs]
+            costs = [profile.cost(g, variants[g], options, attention) for g in graphs]
             others = sum(held(g) for g in kept if g not in graphs)
             opened = sum(c.resident for c in costs)
             creating = max(c.create_extra for c in costs)  # one session is created at a time
@@ -229,11 +241,12 @@ def plan_memory(
         if estimate <= budget * SAFETY:
             return MemoryPlan(budget, estimate, resident, options, tile, measured, rank)
     need = min(estimates) / SAFETY
+    int8 = all(variants[g].precision.value == "int8" for g in unet_graphs)
     raise EffdiffError(
         f"no plan fits a memory budget of {budget / 2**30:.2f} GiB: the leanest (one component at a time, "
         f"lean ORT options, VAE tiles) needs about {need / 2**30:.2f} GiB "
         f"({'measured profile' if measured else 'estimate from weights'}); try a smaller size, "
-        "--precision int8, or a larger budget"
+        f"{'' if int8 else '--precision int8, '}or a larger budget"
     )
 
 
@@ -248,7 +261,8 @@ def profile_memory(
     progress: Any = None,
 ) -> MemoryProfile:
     """Measure each graph's costs in this process, one graph at a time, at the size given and at half of
-    it (to fit the activation exponent); write memory_profile.json into the folder."""
+    it (to fit the activation exponent); write memory_profile.json into the folder, keeping the costs
+    it holds for other variants (a profile per precision adds up)."""
     import gc
 
     import psutil
@@ -257,7 +271,10 @@ def profile_memory(
 
     proc = psutil.Process()
     gc.collect()
-    profile = MemoryProfile(baseline=float(proc.memory_info().rss), machine=_machine())
+    earlier = MemoryProfile.read(folder)
+    profile = MemoryProfile(
+        earlier.costs if earlier is not None else {}, float(proc.memory_info().rss), _machine()
+    )
     h, w = latent_hw
     sizes = [(h, w), (max(8, h // 2), max(8, w // 2))]
     for graph, variant in variants.items():
