@@ -87,6 +87,19 @@ def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size
     }
 
 
+def fresh_row(script: str, artifacts: Path, options: list[str], label: str) -> dict | None:
+    """One measurement in a fresh process (`script --one --artifacts ... OPTIONS`, which prints its row
+    as JSON on its last line): the row, printed as it comes, or None with the failure printed."""
+    cmd = [sys.executable, script, "--one", "--artifacts", str(artifacts), *options]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{label}: failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
@@ -111,30 +124,11 @@ def main() -> None:
     for variant in args.variants.split(","):
         for graph in args.graphs.split(","):
             for option_set in args.options.split(","):
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--one",
-                    "--artifacts",
-                    str(args.artifacts),
-                    "--size",
-                    str(args.size),
-                    "--rows",
-                    str(args.rows),
-                    "--graphs",
-                    graph,
-                    "--variants",
-                    variant,
-                    "--options",
-                    option_set,
-                ]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(f"{graph} {variant} {option_set}: failed: {proc.stderr.strip().splitlines()[-1:]}")
-                    continue
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-                results.append(row)
-                print(json.dumps(row), flush=True)
+                options = ["--size", str(args.size), "--rows", str(args.rows), "--graphs", graph]
+                options += ["--variants", variant, "--options", option_set]
+                row = fresh_row(__file__, args.artifacts, options, f"{graph} {variant} {option_set}")
+                if row is not None:
+                    results.append(row)
     lines = [
         f"| graph | variant | options | disk GiB | session added GiB | creation peak GiB | run peak GiB "
         f"({args.size}px, {args.rows} rows) | create s | run s |",

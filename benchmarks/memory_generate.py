@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from int8_reference import machine  # benchmarks/ is this script's folder, so it is on sys.path
+from memory import fresh_row
+
+MODES = ("resident", "lean-unet", "lean")  # and budget:SIZE
 
 
 def measure_one(artifacts: Path, precision: str, mode: str, size: int, steps: int, schedule: str) -> dict:
@@ -85,7 +86,7 @@ def main() -> None:
         "--schedule", default="uniform:1", help="UNet graphs run (uniform:1: encoder and decoder each step)"
     )
     parser.add_argument("--precisions", default="fp32,int8")
-    parser.add_argument("--modes", default="resident,lean-unet,lean")
+    parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one row
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -93,27 +94,18 @@ def main() -> None:
         row = measure_one(args.artifacts, args.precisions, args.modes, args.size, args.steps, args.schedule)
         print(json.dumps(row))
         return
+    bad = [m for m in args.modes.split(",") if m not in MODES and not m.startswith("budget:")]
+    if bad:
+        parser.error(f"unknown mode(s) {', '.join(bad)}: use {', '.join(MODES)} or budget:SIZE")
     print(f"machine: {machine()}", flush=True)
     rows = []
     for precision in args.precisions.split(","):
         for mode in args.modes.split(","):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--one",
-                "--artifacts",
-                str(args.artifacts),
-                "--size",
-                str(args.size),
-            ]
-            cmd += ["--steps", str(args.steps), "--schedule", args.schedule, "--precisions", precision]
-            cmd += ["--modes", mode]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{precision} {mode}: failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
-                continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+            options = ["--size", str(args.size), "--steps", str(args.steps), "--schedule", args.schedule]
+            options += ["--precisions", precision, "--modes", mode]
+            row = fresh_row(__file__, args.artifacts, options, f"{precision} {mode}")
+            if row is not None:
+                rows.append(row)
     resident_s = {r["precision"]: r["second_s"] for r in rows if r["mode"] == "resident"}
     lines = [
         f"| precision | mode | peak RSS GiB | first generation s | second generation s | vs resident "
