@@ -31,7 +31,10 @@ OPTION_SETS: dict[str, dict[str, object]] = {
         "enable_mem_pattern": False,
         "config:session.disable_prepacking": "1",
     },
+    # constant folding turns the fp16 weights of INT8 graphs' float layers into fp32 copies at load
+    "no-fold": {"config:optimization.disable_specified_optimizers": "ConstantFolding"},
 }
+OPTION_SETS["lean-no-fold"] = {**OPTION_SETS["lean"], **OPTION_SETS["no-fold"]}
 
 
 def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size: int, rows: int) -> dict:

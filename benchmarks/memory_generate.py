@@ -10,6 +10,8 @@ samples is missed) beside the time of each call. Modes:
 - `lean-unet`: the same with the UNet graphs kept open between generations (the text encoder and the
   VAE still load per phase), the plan a budget picks before reloading the UNet every image;
 - `budget:2GiB`: `memory_budget`, which plans (the plan's line is recorded) or refuses up front.
+`--unet-rows 1` runs the UNet's two guidance rows one at a time in the non-budget modes (a budget's
+plan chooses that itself).
 
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_generate.py --artifacts artifacts/sd15-arch-fused \
       --size 512 --precisions fp32,int8 --modes resident,lean,budget:1.5GiB,budget:2GiB
@@ -30,7 +32,9 @@ from memory import fresh_row
 MODES = ("resident", "lean-unet", "lean")  # and budget:SIZE
 
 
-def measure_one(artifacts: Path, precision: str, mode: str, size: int, steps: int, schedule: str) -> dict:
+def measure_one(
+    artifacts: Path, precision: str, mode: str, size: int, steps: int, schedule: str, unet_rows: int | None
+) -> dict:
     """In this process: load, generate twice; figures in GiB and seconds."""
     import psutil
 
@@ -41,12 +45,15 @@ def measure_one(artifacts: Path, precision: str, mode: str, size: int, steps: in
     from effdiff.runtime.propagation import KeySchedule
 
     row: dict = {"precision": precision, "mode": mode, "size": size, "steps": steps, "schedule": schedule}
+    row["unet_rows"] = unet_rows
     lean = mode in ("lean", "lean-unet")
     budget = mode.split(":", 1)[1] if mode.startswith("budget:") else None
     backend = get_backend("ort", session_options=LEAN_OPTIONS if lean else None)
     pipe = Pipeline.load(artifacts, backend=backend, precision=precision, lean=lean, memory_budget=budget)
     if mode == "lean-unet":
         pipe.graphs.resident = KeySchedule.parse(schedule).graphs
+    if budget is None:
+        pipe.unet_rows = unet_rows
     row["baseline_gib"] = psutil.Process().memory_info().rss / 2**30
     latent_side = pipe.geometry.latent_size(size, size)[0]
     kwargs = {
@@ -65,7 +72,8 @@ def measure_one(artifacts: Path, precision: str, mode: str, size: int, steps: in
             result = pipe("a photo of a red bicycle", seed=seed, **kwargs)
             times.append(time.perf_counter() - start)
             row["memory_plan"] = result.info.get("memory_plan", "")
-            row.setdefault("first_timings", {k: round(v, 3) for k, v in result.timings.items()})
+            timings = {k: round(v, 3) for k, v in result.timings.items()}
+            row["second_timings" if "first_timings" in row else "first_timings"] = timings
     except EffdiffError as exc:
         row["refused"] = str(exc)
     row["first_s"], row["second_s"] = [*times, None, None][:2]
@@ -87,11 +95,14 @@ def main() -> None:
     )
     parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--unet-rows", type=int, help="UNet rows per call (default: the whole batch)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one row
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if args.one:
-        row = measure_one(args.artifacts, args.precisions, args.modes, args.size, args.steps, args.schedule)
+        row = measure_one(
+            args.artifacts, args.precisions, args.modes, args.size, args.steps, args.schedule, args.unet_rows
+        )
         print(json.dumps(row))
         return
     bad = [m for m in args.modes.split(",") if m not in MODES and not m.startswith("budget:")]
@@ -103,6 +114,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             options = ["--size", str(args.size), "--steps", str(args.steps), "--schedule", args.schedule]
             options += ["--precisions", precision, "--modes", mode]
+            options += ["--unet-rows", str(args.unet_rows)] if args.unet_rows else []
             row = fresh_row(__file__, args.artifacts, options, f"{precision} {mode}")
             if row is not None:
                 rows.append(row)

@@ -10,6 +10,8 @@ on the SD1.5 architecture (benchmarks/memory.py; README "Memory"), which the pla
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import re
@@ -76,9 +78,12 @@ class GraphCost:
     activation_per_unit: float
     exponent: float = 1.0
     measured: bool = False
+    floor_per_unit: float = 0.0  # activations never planned below this per row and pixel
 
     def activation(self, rows: int, pixels: int) -> float:
-        return self.activation_per_unit * rows * pixels**self.exponent
+        return max(
+            self.activation_per_unit * rows * pixels**self.exponent, self.floor_per_unit * rows * pixels
+        )
 
 
 @dataclass
@@ -90,9 +95,6 @@ class MemoryProfile:
     machine: str = ""
 
     def cost(self, graph: str, variant: Variant, options: str, attention: str = "standard") -> GraphCost:
-        found = self.costs.get(graph, {}).get(variant.name, {}).get(options)
-        if found is not None:
-            return found
         resident, create = FALLBACK[options]
         activation = (
             FALLBACK_VAE_ACTIVATION_PER_PIXEL[options]
@@ -102,6 +104,12 @@ class MemoryProfile:
             )
             * _width_scale(variant)
         )
+        found = self.costs.get(graph, {}).get(variant.name, {}).get(options)
+        if found is not None:
+            # Measured activations are floored at the weight-based estimate: measured in one process,
+            # a run can reuse heap that earlier sessions freed, and at 512x512 the SD1.5 INT8 profile
+            # planned 3 and 6 GiB budgets that peaked at 3.55 and 6.91 GiB without this floor.
+            return dataclasses.replace(found, floor_per_unit=activation)
         return GraphCost(variant.size_bytes * resident, variant.size_bytes * (create - resident), activation)
 
     def to_json(self) -> dict[str, Any]:
@@ -145,6 +153,7 @@ class MemoryPlan:
     vae_tile: int | None
     measured: bool  # from a memory profile, not fallback factors
     rank: int = 0  # position among the candidate plans, fastest first
+    unet_rows: int | None = None  # UNet batch rows per call (None: the whole batch at once)
 
     @property
     def session_options(self) -> dict[str, Any]:
@@ -165,6 +174,8 @@ class MemoryPlan:
         ]
         if self.vae_tile:
             parts.append(f"VAE in tiles of {self.vae_tile} latents")
+        if self.unet_rows:
+            parts.append(f"UNet on {self.unet_rows} row{'s' if self.unet_rows > 1 else ''} per call")
         source = (
             "measured profile"
             if self.measured
@@ -194,26 +205,31 @@ def plan_memory(
     need when none does. Plans, fastest first: everything resident; UNet graphs resident and the text
     encoder and VAE loaded per phase; one component at a time; then each with lean ORT options; then
     with the VAE in ever smaller tiles, first with the UNet graphs resident (a tile costs the VAE a
-    little, reloading the UNet every generation costs its whole session creation), then without."""
+    little, reloading the UNet every generation costs its whole session creation), then without; last,
+    with the UNet's guidance rows run one at a time (`RowSplitGraph`: half its activation peak)."""
     profile = profile or MemoryProfile()
     measured = bool(profile.costs)
     attention = str(manifest.recipe.get("attention", "standard"))
     pixels = latent_hw[0] * latent_hw[1]
     phases = {"text": ("text_encoder",), "unet": unet_graphs, "vae": ("vae_decoder",)}
-    candidates: list[tuple[tuple[str, ...], str, int | None]] = []
+    # (resident graphs, option set, VAE tile, UNet rows per call)
+    candidates: list[tuple[tuple[str, ...], str, int | None, int | None]] = []
     side = min(latent_hw)
     tiles = [t for t in (side // 2, side // 4) if t >= 8]
     for options in ("default", "lean"):
-        candidates += [(("*",), options, None), (unet_graphs, options, None), ((), options, None)]
-    candidates += [(unet_graphs, "lean", t) for t in tiles] + [((), "lean", t) for t in tiles]
+        candidates += [(r, options, None, None) for r in (("*",), unet_graphs, ())]
+    candidates += [(unet_graphs, "lean", t, None) for t in tiles] + [((), "lean", t, None) for t in tiles]
+    if rows > 1:
+        tile = tiles[-1] if tiles else None
+        candidates += [(unet_graphs, "lean", tile, 1), ((), "lean", tile, 1)]
 
     images = max(1, rows // 2)  # the VAE decodes images, not the guidance rows
 
-    def peak(resident: tuple[str, ...], options: str, tile: int | None) -> float:
+    def peak(resident: tuple[str, ...], options: str, tile: int | None, unet_rows: int | None) -> float:
         # (rows, latent pixels) each phase runs its graphs at
         args = {
             "text": (rows, pixels),
-            "unet": (rows, pixels),
+            "unet": (min(rows, unet_rows or rows), pixels),
             "vae": (images, tile * tile if tile else pixels),
         }
         phase_of = {g: name for name, graphs in phases.items() for g in graphs}
@@ -235,16 +251,16 @@ def plan_memory(
         return baseline + worst
 
     estimates = []
-    for rank, (resident, options, tile) in enumerate(candidates):
-        estimate = peak(resident, options, tile)
+    for rank, (resident, options, tile, unet_rows) in enumerate(candidates):
+        estimate = peak(resident, options, tile, unet_rows)
         estimates.append(estimate)
         if estimate <= budget * SAFETY:
-            return MemoryPlan(budget, estimate, resident, options, tile, measured, rank)
+            return MemoryPlan(budget, estimate, resident, options, tile, measured, rank, unet_rows)
     need = min(estimates) / SAFETY
     int8 = all(variants[g].precision.value == "int8" for g in unet_graphs)
     raise EffdiffError(
         f"no plan fits a memory budget of {budget / 2**30:.2f} GiB: the leanest (one component at a time, "
-        f"lean ORT options, VAE tiles) needs about {need / 2**30:.2f} GiB "
+        f"lean ORT options, VAE tiles, UNet rows one at a time) needs about {need / 2**30:.2f} GiB "
         f"({'measured profile' if measured else 'estimate from weights'}); try a smaller size, "
         f"{'' if int8 else '--precision int8, '}or a larger budget"
     )
@@ -263,14 +279,12 @@ def profile_memory(
     """Measure each graph's costs in this process, one graph at a time, at the size given and at half of
     it (to fit the activation exponent); write memory_profile.json into the folder, keeping the costs
     it holds for other variants (a profile per precision adds up)."""
-    import gc
-
     import psutil
 
     from effdiff.profiling import PeakRSS
 
     proc = psutil.Process()
-    gc.collect()
+    _give_back_freed_memory()
     earlier = MemoryProfile.read(folder)
     profile = MemoryProfile(
         earlier.costs if earlier is not None else {}, float(proc.memory_info().rss), _machine()
@@ -279,6 +293,7 @@ def profile_memory(
     sizes = [(h, w), (max(8, h // 2), max(8, w // 2))]
     for graph, variant in variants.items():
         for options in OPTION_SETS:
+            _give_back_freed_memory()  # else the next session fits in freed heap and seems to cost 0
             backend = backend_factory(OPTION_SETS[options])
             peaks = []
             with PeakRSS(0.002) as create:
@@ -290,11 +305,11 @@ def profile_memory(
                 )
                 if "input_ids" in feeds:
                     feeds["input_ids"] = np.minimum(feeds["input_ids"], 256)
+                _give_back_freed_memory()  # creation's freed buffers would hide the run's growth
                 with PeakRSS(0.002) as run:
                     handle.run(feeds)
                 peaks.append((sh * sw, max(0.0, run.peak_bytes - run.baseline_bytes)))
             del handle
-            gc.collect()
             (p1, a1), (p2, a2) = peaks
             exponent = (
                 1.0
@@ -314,6 +329,31 @@ def profile_memory(
                 progress()
     write_json(Path(folder) / PROFILE_FILE, profile.to_json())
     return profile
+
+
+def _give_back_freed_memory() -> None:
+    """Collect garbage and return the C heap's free pages to the system (glibc's malloc_trim), so that
+    RSS measured next counts what the next session really allocates. Elsewhere a no-op: the measured
+    costs can then come out low, which the README's profile section says."""
+    import gc
+
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig), or None without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
 
 
 def _machine() -> str:

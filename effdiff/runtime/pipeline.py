@@ -28,12 +28,12 @@ from tqdm import tqdm
 from effdiff.artifacts import SCHEDULER_CONFIG, Manifest, Variant, check_files, read_json
 from effdiff.errors import EffdiffError
 from effdiff.runtime.backends import Backend, Graph, builds_from_source, get_backend
-from effdiff.runtime.graphs import FeedsCallback, GraphSet, RecordingGraph, Usage
+from effdiff.runtime.graphs import FeedsCallback, GraphSet, RecordingGraph, RowSplitGraph, Usage
 from effdiff.runtime.images import tiled_decode, to_pil
 from effdiff.runtime.propagation import AUTO, KeySchedule, NoiseInjection, resolve_injection
 from effdiff.runtime.schedulers import Scheduler, make_scheduler
 from effdiff.runtime.tokenizer import PromptTokenizer
-from effdiff.specs import GRAPHS, Precision
+from effdiff.specs import GRAPHS, UNET_GRAPHS, Precision
 
 StepCallback = Callable[[int, float, np.ndarray], "np.ndarray | None"]
 
@@ -171,6 +171,9 @@ class Pipeline:
         self.variants = {g: v for g, v in found.items() if v is not None}
         self.specs = {g: manifest.spec(g, v) for g, v in self.variants.items()}
         self.graphs = GraphSet({g: self._loader(g) for g in GRAPHS}, resident)
+        # UNet batch rows per graph call (None: all at once); a memory plan sets 1 to run the two
+        # guidance rows one after the other when the whole batch's activations do not fit
+        self.unet_rows: int | None = None
 
     @classmethod
     def load(
@@ -272,6 +275,8 @@ class Pipeline:
 
     def _graph(self, graphs: Mapping[str, Graph], name: str, hooks: Hooks | None) -> Graph:
         graph = graphs[name]
+        if self.unet_rows is not None and name in UNET_GRAPHS:
+            graph = RowSplitGraph(graph, self.unet_rows, self.backend.to_host)  # type: ignore[assignment]
         if hooks is not None and hooks.on_graph is not None:
             return RecordingGraph(graph, hooks.on_graph, self.backend.to_host)  # type: ignore[return-value]
         return graph
@@ -499,6 +504,7 @@ class Pipeline:
                 self.graphs.release(name)
             self.backend.session_options = options  # type: ignore[attr-defined]
         self.graphs.resident = tuple(GRAPHS) if not plan.lean else plan.resident
+        self.unet_rows = plan.unet_rows
         return plan
 
     # ------------------------------------------------------------ all together
