@@ -5,10 +5,11 @@ INT8 and retrieval start, alone and combined, beside diffusers and DeepCache, in
 
 Steps (each skipped when its output exists): export the reference model into WORK/artifacts (with the
 cache recipe's graphs); INT8 variants of every UNet graph (`effdiff-export int8`'s library call, 64
-calibration samples); a KB from the training prompts outside the evaluation scenes x `--seeds`; then
-`run_bench` on the demo's six scenes with every configuration and both peers, report in WORK/report
-(`speed_quality.png` is the plot). Six prompts cannot judge a 3-point adherence difference: the
-192-prompt figures are in `kb_reference.py` and `int8_reference.py`.
+calibration samples); two KBs from the training prompts outside the evaluation scenes x `--seeds`, one
+on whole-UNet trajectories (the `kb` and `kb+fd` rows) and one on `cache:3` trajectories (the
+`kb+cache:3` rows); then `run_bench` on the demo's six scenes with every configuration and both
+peers, report in WORK/report (`speed_quality.png` is the plot). Six prompts cannot judge a 3-point
+adherence difference: the 192-prompt figures are in `kb_reference.py` and `int8_reference.py`.
 """
 
 from __future__ import annotations
@@ -39,24 +40,30 @@ def main() -> None:
     args = parser.parse_args()
     flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "avx512_vnni"})
     print(f"CPU flags: {' '.join(flags)}; {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}", flush=True)
-    artifacts, kb = args.work / "artifacts", args.work / "kb"
+    artifacts = args.work / "artifacts"
     export_onnx("reference", artifacts, progress=False)
     capture = CaptureSettings(tuple(default_prompts()), samples=64, guidance=REFERENCE_GUIDANCE)
     print(quantize_artifacts(artifacts, QuantizeOptions(), capture, progress=False).table(), flush=True)
-    if not (kb / "kb.json").exists():
+    # One KB per schedule: a KB's keys are latents of its own schedule's trajectories, and the
+    # cache recipe's step-10 latent lies outside the adaptive thresholds of whole-UNet keys.
+    kbs = {"none": args.work / "kb", "cache:3": args.work / "kb-cache3"}
+    for propagation, kb in kbs.items():
+        if (kb / "kb.json").exists():
+            continue
         settings = BuildSettings(
             steps=50,
             guidance=REFERENCE_GUIDANCE,
             key_step=10,
             value_steps=(15, 20, 25, 30, 35, 40),
             seeds=tuple(int(s) for s in args.seeds.split(",")),
+            propagation=propagation,
         )
         prompts = [s.prompt for s in disjoint_scenes()]
         build_kb(artifacts, prompts, kb, settings, IndexOptions("PCA128,PQ16"), resume=True, batch=32)
     bench = BenchSettings(
         prompts=[s.prompt for s in DEMO_SCENES], guidance=REFERENCE_GUIDANCE, repeat=args.repeat, warmup=1
     )
-    configs = parse_configs(args.configs.split(","), bench.sampler, bench.steps, kb)
+    configs = parse_configs(args.configs.split(","), bench.sampler, bench.steps, list(kbs.values()))
     peers = () if args.no_peers else ("diffusers", "deepcache")
     report = run_bench(artifacts, configs, bench, peers=peers, scenes=list(DEMO_SCENES))
     write_report(report, args.work / "report")

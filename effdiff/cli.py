@@ -457,7 +457,7 @@ def verify_cmd(artifacts: Path, quick: bool) -> None:
     "--configs",
     default="full,fd",
     show_default=True,
-    help="full, fd, fd:SCHEDULE, cache:N, joined with int8 and kb by + (comma-separated)",
+    help="full, fd, fd:SCHEDULE, cache:N, joined with int8, kb and budget:SIZE by + (comma-separated)",
 )
 @click.option("--prompt", "prompts", multiple=True, help="repeatable; default: one SD-style prompt")
 @click.option("--sampler", default="ddim", show_default=True)
@@ -470,7 +470,10 @@ def verify_cmd(artifacts: Path, quick: bool) -> None:
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--peers", default="", help="diffusers,deepcache (same model, steps, sampler and latents)")
 @click.option(
-    "--kb", type=click.Path(path_type=Path), help="knowledge base for the kb and fd+kb configurations"
+    "--kb",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="knowledge base for the kb configurations (repeat it: each starts from the KB of its schedule)",
 )
 @click.option("--providers", help="comma-separated onnxruntime execution providers")
 @click.option(
@@ -492,7 +495,7 @@ def bench_cmd(
     repeat: int,
     warmup: int,
     peers: str,
-    kb: Path | None,
+    kb: tuple[Path, ...],
     providers: str | None,
     backend: str,
     out: Path,

@@ -64,7 +64,7 @@ def test_bench_cli_and_bad_configs(sd1_artifacts: Path, tmp_path: Path) -> None:
         "--artifacts",
         str(sd1_artifacts),
         "--configs",
-        "fd",
+        "fd,fd+budget:4GiB",
         "--steps",
         "4",
         "--repeat",
@@ -77,6 +77,12 @@ def test_bench_cli_and_bad_configs(sd1_artifacts: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r" / "report.md").exists() and "| fd |" in proc.stdout
+    # a budget row runs the runtime's memory plan in its own pipeline (here: everything fits, so the
+    # same computation as the plain row), on the same latents
+    rows = {r["name"]: r for r in json.loads((tmp_path / "r" / "report.json").read_text())["rows"]}
+    budget, fd = rows["fd+budget:4GiB"], rows["fd"]
+    assert "budget 4GiB" in budget["detail"]
+    assert budget["quality"]["psnr_db"] == pytest.approx(fd["quality"]["psnr_db"], abs=0.01)
     assert_one_line_error(
         run(
             "effdiff",
@@ -92,6 +98,8 @@ def test_bench_cli_and_bad_configs(sd1_artifacts: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(EffdiffError, match="unknown configuration"):
         parse_configs(["fast"], "ddim", 50)
+    with pytest.raises(EffdiffError, match="memory budget 'lots'"):
+        parse_configs(["fd+budget:lots"], "ddim", 50)
 
 
 def test_quality_figures() -> None:

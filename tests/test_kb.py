@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from effdiff.bench.harness import parse_configs
 from effdiff.errors import EffdiffError
 from effdiff.kb.adaptive import JumpPolicy
 from effdiff.kb.build import IndexOptions, build_kb, merge_kb
@@ -296,6 +297,10 @@ def test_kb_built_on_the_cache_recipe_holds_its_trajectories(
     other = runner([PROMPTS[1]], latents=noise(pipe, [1]))
     assert "KB built with propagation cache:3, this run none" in other.summary(2)
     assert other.jumps[0].distance > same.jumps[0].distance
+    # the bench, given both KBs, starts each `kb` configuration from the KB of its own schedule
+    names = ["kb", "kb+cache:3", "kb+fd"]
+    configs = {c.name: c.kb for c in parse_configs(names, "ddim", 6, [kb.folder, out])}
+    assert configs == {"full": None, "kb": kb.folder, "kb+cache:3": out, "kb+fd": kb.folder}
 
 
 def test_resume_with_another_propagation_is_refused(sd1_artifacts: Path, tmp_path: Path) -> None:

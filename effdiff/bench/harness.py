@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,14 @@ PEERS = ("diffusers", "deepcache")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One effdiff configuration. Retrieval start will add a field here."""
+    """One effdiff configuration."""
 
     name: str
     propagation: KeySchedule
     precision: Precision | None = None  # None: the folder's default (fp32, or fp16 for an fp16 export)
     backend: str = "ort"  # ort, torch, trt, coreml: rows of other backends are named CONFIG@BACKEND
     kb: Path | None = None  # retrieval start from this knowledge base (its adaptive jumps)
+    memory_budget: str | None = None  # a pipeline that plans every call to fit this budget ("2GiB")
 
 
 def with_backends(configs: list[BenchConfig], backends: list[str]) -> list[BenchConfig]:
@@ -73,16 +75,24 @@ def fd_schedule(sampler: str, steps: int) -> KeySchedule:
     return KeySchedule.uniform(3)
 
 
-def parse_configs(names: list[str], sampler: str, steps: int, kb: Path | None = None) -> list[BenchConfig]:
+def parse_configs(
+    names: list[str], sampler: str, steps: int, kb: Path | Sequence[Path] | None = None
+) -> list[BenchConfig]:
     """Configurations composed with `+`: a schedule part (`full`, `fd` = the sampler's encoder-propagation
     schedule, `fd:SCHEDULE`, `cache:N` = DeepCache's recipe every N steps) and modifiers (`int8`, `kb` =
-    retrieval start from the knowledge base `kb`). Examples: `full`, `fd`, `fd:uniform:4`, `cache:3`,
-    `int8`, `fd+int8`, `cache:3+int8`, `kb`, `kb+fd`, `kb+cache:3`, `kb+fd+int8`."""
+    retrieval start from a knowledge base, `budget:SIZE` = the runtime's memory plan for that budget,
+    whose lean plans load graphs during the run). Examples: `full`, `fd`, `fd:uniform:4`, `cache:3`,
+    `int8`, `fd+int8`, `cache:3+int8`, `kb`, `kb+fd`, `kb+cache:3`, `kb+fd+int8`, `fd+int8+budget:2GiB`.
+    With several KBs, each `kb` configuration starts from the one built on its own schedule (`kb build
+    --propagation`), since a KB's keys are latents of that schedule's trajectories; the first KB when
+    none matches."""
+    kbs = [Path(kb)] if isinstance(kb, (str, Path)) else [Path(k) for k in kb or ()]
     out = []
     for name in names:
         schedule: KeySchedule | None = None
         precision: Precision | None = None
-        retrieval: Path | None = None
+        wants_kb = False
+        budget: str | None = None
         for part in name.split("+"):
             if part in ("full", "fd") or part.startswith(("fd:", "cache:")):
                 if schedule is not None:
@@ -95,19 +105,42 @@ def parse_configs(names: list[str], sampler: str, steps: int, kb: Path | None = 
                     schedule = KeySchedule.parse(part[3:] if part.startswith("fd:") else part)
             elif part == "int8":
                 precision = Precision.INT8
+            elif part.startswith("budget:"):
+                from effdiff.runtime.memory import parse_size
+
+                budget = part[len("budget:") :]
+                parse_size(budget)  # a bad size is named now, not after other rows ran
             elif part == "kb":
-                if kb is None:
+                if not kbs:
                     raise EffdiffError(f"configuration {name!r} needs a knowledge base (--kb KB)")
-                retrieval = Path(kb)
+                wants_kb = True
             else:
                 raise EffdiffError(
                     f"unknown configuration part {part!r} in {name!r}; use full, fd, fd:SCHEDULE, cache:N, "
-                    "int8, kb, joined with +"
+                    "int8, kb, budget:SIZE, joined with +"
                 )
-        out.append(BenchConfig(name, schedule or KeySchedule.none(), precision, kb=retrieval))
+        schedule = schedule or KeySchedule.none()
+        retrieval = _kb_for(schedule, kbs) if wants_kb else None
+        out.append(BenchConfig(name, schedule, precision, kb=retrieval, memory_budget=budget))
     if "full" not in [c.name for c in out]:
         out.insert(0, BenchConfig("full", KeySchedule.none()))  # quality is measured against it
     return out
+
+
+def _pipe_key(config: BenchConfig) -> tuple[str, Precision | None, str | None]:
+    return config.backend, config.precision, config.memory_budget
+
+
+def _kb_for(schedule: KeySchedule, kbs: list[Path]) -> Path:
+    """The KB whose trajectories ran on `schedule`, else the first one."""
+    if len(kbs) == 1:
+        return kbs[0]
+    from effdiff.kb.store import KBManifest
+
+    for path in kbs:
+        if str(KeySchedule.parse(KBManifest.read(path).settings.propagation)) == str(schedule):
+            return path
+    return kbs[0]
 
 
 @dataclass
@@ -258,13 +291,18 @@ class EffdiffRunner(Runner):
         if config.backend != "ort":
             self.detail += f", {pipe.backend.describe()} {pipe.precision.value}"
         self.graphs = ("text_encoder", *config.propagation.graphs, "vae_decoder")
-        for g in self.graphs:  # opening counts as load, not as the first run
+        if config.memory_budget is not None:
+            self.detail += f", budget {config.memory_budget}"
+        # opening counts as load, not as the first run; under a budget the plan decides what stays
+        # open, so its loads are run time and nothing is opened ahead
+        for g in self.graphs if config.memory_budget is None else ():
             if (id(pipe), g) not in graph_costs:
                 before, start = _rss(), time.perf_counter()
                 pipe.open_graph(g)
                 graph_costs[(id(pipe), g)] = (time.perf_counter() - start, _rss() - before)
-        self.load_s = sum(graph_costs[(id(pipe), g)][0] for g in self.graphs)
-        self.rss_added_gib = sum(graph_costs[(id(pipe), g)][1] for g in self.graphs) / 2**30
+        costs = [graph_costs.get((id(pipe), g), (0.0, 0)) for g in self.graphs]
+        self.load_s = sum(c[0] for c in costs)
+        self.rss_added_gib = sum(c[1] for c in costs) / 2**30
         self.disk_mib = _disk_mib(pipe, self.graphs)
         self.gpu = GpuMemory()
 
@@ -406,15 +444,19 @@ def run_bench(
     for p in peers:
         if p not in PEERS:
             raise EffdiffError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")
-    # One pipeline per (backend, precision), loaded before anything runs: a missing variant or a
-    # backend this machine lacks is named in one line now, not after the first configurations ran.
-    pipes: dict[tuple[str, Precision | None], Pipeline] = {}
+    # One pipeline per (backend, precision, budget), loaded before anything runs: a missing variant or
+    # a backend this machine lacks is named in one line now, not after the first configurations ran.
+    pipes: dict[tuple[str, Precision | None, str | None], Pipeline] = {}
     for cfg in configs:
-        key = (cfg.backend, cfg.precision)
+        key = _pipe_key(cfg)
         if key not in pipes:
             ort_providers = providers if cfg.backend == "ort" else None
             pipes[key] = Pipeline.load(
-                artifacts, cfg.backend, providers=ort_providers, precision=cfg.precision
+                artifacts,
+                cfg.backend,
+                providers=ort_providers,
+                precision=cfg.precision,
+                memory_budget=cfg.memory_budget,
             )
         for graph in cfg.propagation.graphs:
             pipes[key].require((graph,))
@@ -427,6 +469,12 @@ def run_bench(
         from effdiff.kb.store import KBManifest
 
         seeds = KBManifest.read(kb_paths[0]).settings.seeds
+        for other in kb_paths[1:]:
+            if KBManifest.read(other).settings.seeds != seeds:
+                raise EffdiffError(
+                    f"knowledge bases {kb_paths[0]} and {other} hold different seeds; the bench starts "
+                    "every configuration from the same noise, so build them with the same --seeds"
+                )
         latents = entry_noise(first, [seeds[i % len(seeds)] for i in range(settings.images)], h, w)
     else:
         latents = _latents(first, settings, h, w)
@@ -434,7 +482,7 @@ def run_bench(
     bar = tqdm(total=runs_total, desc="bench", unit="run", disable=not progress)
     graph_costs: dict[Any, tuple[float, int]] = {}
     runners: list[Runner] = [
-        EffdiffRunner(c, pipes[(c.backend, c.precision)], graph_costs, settings, latents) for c in configs
+        EffdiffRunner(c, pipes[_pipe_key(c)], graph_costs, settings, latents) for c in configs
     ]
     shared_peer: dict[str, Any] = {}
     for peer in peers:
