@@ -12,7 +12,7 @@ from effdiff.export.models import resolve_model
 from effdiff.reference import CLASSIFIER
 from effdiff.reference import MODEL_DIR as REFERENCE_MODEL
 from effdiff.reference.dataset import HELD_OUT, Scene, all_scenes, render, sample_batch
-from effdiff.reference.judge import AttributeClassifier
+from effdiff.reference.judge import AttributeClassifier, paired_difference_interval
 from effdiff.reference.scenes import REFERENCE_GUIDANCE
 
 from .test_cli import run
@@ -28,6 +28,27 @@ def test_dataset_is_deterministic_and_holds_out_pairs() -> None:
     assert {(s.kind, s.colour) for s in held} == set(HELD_OUT)
     scene = Scene("triangle", "red", "small", "top left", "gray")
     assert scene.prompt == "a small red triangle at the top left on a gray background"
+
+
+def _paired(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array([1] * both + [1] * only_a + [0] * only_b + [0] * neither, bool)
+    b = np.array([1] * both + [0] * only_a + [1] * only_b + [0] * neither, bool)
+    return a, b
+
+
+def test_paired_difference_interval() -> None:
+    """Newcombe's paired interval: the published example (airway hyper-responsiveness before and after
+    transplantation, Bentur et al. 2009, in Fagerland, Lydersen and Laake 2014: -0.507 to -0.026), and
+    far narrower than two separate Wilson intervals when two configurations agree on most images."""
+    diff, lo, hi = paired_difference_interval(*_paired(1, 1, 7, 12))
+    assert diff == pytest.approx(-6 / 21) and (lo, hi) == pytest.approx((-0.507, -0.026), abs=1e-3)
+    # 192 images, 171 right under both, one more right under each side: about +-0.02, not +-0.09
+    diff, lo, hi = paired_difference_interval(*_paired(170, 2, 1, 19))
+    assert lo < diff < hi and -0.03 < lo < 0 < hi < 0.035
+    same = np.ones(192, bool)
+    assert paired_difference_interval(same, same)[0] == 0.0
+    with pytest.raises(Exception, match="paired readings"):
+        paired_difference_interval(same, same[:10])
 
 
 def test_classifier_reads_real_renders() -> None:

@@ -187,6 +187,7 @@ class QualityRow:
     psnr_db: float | None  # against full generation with the same noise (None for the baseline itself)
     jumps: dict[str, int] = field(default_factory=dict)  # start step (or "full") -> images
     encoder_evals: int = 0  # UNet-encoder evaluations, all images (the whole UNet counts as one)
+    baseline: Any = None  # full generation's Adherence on the same prompts and noise (paired comparison)
 
     @property
     def saved(self) -> float:
@@ -203,6 +204,7 @@ class QualityRow:
             f"{self.encoder_evals / max(1, self.images):.1f}",
             a.describe("kind"),
             a.describe("colour"),
+            *("—" if self.baseline is None else a.versus(self.baseline, k) for k in ("kind", "colour")),
             "—" if self.psnr_db is None else f"{self.psnr_db:.2f}",
             jumps or "—",
         ]
@@ -216,6 +218,8 @@ HEADER = [
     "encoder evals / image",
     "shape [95 % CI]",
     "colour [95 % CI]",
+    "shape vs full [paired 95 % CI]",
+    "colour vs full [paired 95 % CI]",
     "PSNR vs full (dB)",
     "jumps (start step: images)",
 ]
@@ -318,7 +322,10 @@ def eval_quality(
         ref = baseline_images["none"]
         p = None if prop == "none" else _mean_psnr(images, ref)
         enc = len(scenes) * len(KeySchedule.parse(prop).run_keys(s.steps))
-        rows.append(QualityRow(name, split, len(scenes), full, full, adh, p, {"full": len(scenes)}, enc))
+        base = None if prop == "none" else rows[0].adherence
+        rows.append(
+            QualityRow(name, split, len(scenes), full, full, adh, p, {"full": len(scenes)}, enc, base)
+        )
         log(markdown_table(rows[-1:]).splitlines()[-1])
         for cfg in (c for c in configs if c.propagation == prop):
             runner = RetrievalStart(
@@ -348,7 +355,9 @@ def eval_quality(
                     enc += encoder_evaluations(prop, s.steps, s.key_step, j.start_step, cfg.mode)
             adh = Adherence.of(clf.run(kb_images)[0], scenes)
             p = _mean_psnr(kb_images, ref)
-            row = QualityRow(cfg.name, split, len(scenes), steps_run, full, adh, p, jumps, enc)
+            row = QualityRow(
+                cfg.name, split, len(scenes), steps_run, full, adh, p, jumps, enc, rows[0].adherence
+            )
             rows.append(row)
             log(markdown_table([row]).splitlines()[-1])
     return rows
