@@ -257,9 +257,7 @@ def prompts_sha256(prompts: list[str]) -> str:
 def check_graphs(manifest: Manifest, settings: BuildSettings, precision: str) -> None:
     """EffdiffError in one line, before anything is written, when the artifacts lack a UNet graph the
     settings' propagation schedule runs (e.g. `cache:3` without the cache recipe's graphs)."""
-    from effdiff.runtime.propagation import KeySchedule
-
-    for graph in KeySchedule.parse(settings.propagation).graphs:
+    for graph in settings.schedule.graphs:
         try:
             manifest.choose(graph, precision)
         except EffdiffError as exc:

@@ -244,7 +244,7 @@ class RetrievalStart:
             mode=self.mode,
             lookup_s=lookup_s,
             propagation=str(plan.schedule),
-            kb_propagation=str(KeySchedule.parse(s.propagation)),
+            kb_propagation=str(s.schedule),
         )
 
 

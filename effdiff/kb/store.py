@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from effdiff.artifacts import FileRecord, Manifest, read_json, sha256_file, writ
 from effdiff.errors import EffdiffError
 from effdiff.kb.adaptive import DEFAULT_PROMPT_GATE, JumpPolicy
 from effdiff.kb.index import IndexInfo, read_index_mmap, search_threads, set_nprobe
+
+if TYPE_CHECKING:
+    from effdiff.runtime.propagation import KeySchedule
 
 KB_MANIFEST = "kb.json"
 KB_SCHEMA = 1
@@ -75,7 +78,6 @@ class BuildSettings:
     def check(self) -> None:
         """Step arithmetic, before anything loads; EffdiffError in one line."""
         from effdiff.runtime.pipeline import check_guidance
-        from effdiff.runtime.propagation import KeySchedule
         from effdiff.runtime.schedulers import sampler_class
 
         sampler_class(self.sampler)
@@ -105,14 +107,19 @@ class BuildSettings:
             raise EffdiffError(f"seeds must be integers >= 0, got {list(self.seeds)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise EffdiffError(f"seeds repeat: {list(self.seeds)}")
-        KeySchedule.parse(self.propagation).key_steps(self.steps)  # the schedule fits the step count
+        self.schedule.key_steps(self.steps)  # the schedule fits the step count
+
+    @property
+    def schedule(self) -> KeySchedule:
+        """`propagation` parsed (EffdiffError in one line when it is not a schedule)."""
+        from effdiff.runtime.propagation import KeySchedule
+
+        return KeySchedule.parse(self.propagation)
 
     def tied_graphs(self) -> tuple[str, ...]:
         """The UNet graphs whose files tie a KB of these settings to its artifacts: TIED_GRAPHS (kept for
         every schedule, so a whole-UNet KB's tie is what it always was) and the schedule's own."""
-        from effdiff.runtime.propagation import KeySchedule
-
-        extra = KeySchedule.parse(self.propagation).graphs
+        extra = self.schedule.graphs
         return TIED_GRAPHS + tuple(g for g in extra if g not in TIED_GRAPHS)
 
     def to_json(self) -> dict[str, Any]:

@@ -23,12 +23,25 @@ GraphLoader = Callable[[], Graph]
 FeedsCallback = Callable[[str, Mapping[str, np.ndarray]], None]
 
 
-class TimedGraph:
-    """A graph that accumulates its run time and call count."""
+class GraphWrapper:
+    """A graph seen through another: same spec, closing closes the wrapped one."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.spec: GraphSpec = graph.spec
+
+    def run(self, feeds: Mapping[str, Any], host_outputs: bool = True) -> dict[str, Any]:
+        return self.graph.run(feeds, host_outputs)
+
+    def close(self) -> None:
+        self.graph.close()
+
+
+class TimedGraph(GraphWrapper):
+    """A graph that accumulates its run time and call count."""
+
+    def __init__(self, graph: Graph) -> None:
+        super().__init__(graph)
         self.seconds = 0.0
         self.calls = 0
 
@@ -39,16 +52,12 @@ class TimedGraph:
         self.calls += 1
         return out
 
-    def close(self) -> None:
-        self.graph.close()
 
-
-class RecordingGraph:
+class RecordingGraph(GraphWrapper):
     """Calls `on_feeds(graph name, feeds as host arrays)` before every run (INT8 calibration capture)."""
 
     def __init__(self, graph: Any, on_feeds: FeedsCallback, to_host: Callable[[Any], np.ndarray]) -> None:
-        self.graph = graph
-        self.spec: GraphSpec = graph.spec
+        super().__init__(graph)
         self._on_feeds = on_feeds
         self._to_host = to_host
 
@@ -56,11 +65,8 @@ class RecordingGraph:
         self._on_feeds(self.spec.name, {n: self._to_host(v) for n, v in feeds.items()})
         return self.graph.run(feeds, host_outputs)
 
-    def close(self) -> None:
-        self.graph.close()
 
-
-class RowSplitGraph:
+class RowSplitGraph(GraphWrapper):
     """Runs a graph on at most `max_rows` batch rows per call and joins the outputs on the host. With
     classifier-free guidance the UNet's two rows (unconditional, conditional) then run one after the
     other, which halves its activation peak, the largest single allocation of a lean 512x512 run, at
@@ -68,25 +74,28 @@ class RowSplitGraph:
     multi-step groups: features for `rows`, timesteps for `steps x rows`) runs whole."""
 
     def __init__(self, graph: Any, max_rows: int, to_host: Callable[[Any], np.ndarray]) -> None:
-        self.graph = graph
-        self.spec: GraphSpec = graph.spec
+        super().__init__(graph)
         self.max_rows = max_rows
         self._to_host = to_host
 
     def run(self, feeds: Mapping[str, Any], host_outputs: bool = True) -> dict[str, Any]:
-        host = {n: self._to_host(v) for n, v in feeds.items()}
-        sizes = {v.shape[0] if v.ndim else -1 for v in host.values()}
+        sizes = {_leading_dim(v) for v in feeds.values()}
         rows = sizes.pop() if len(sizes) == 1 else 0
         if rows <= self.max_rows:
             return self.graph.run(feeds, host_outputs)
+        host = {n: self._to_host(v) for n, v in feeds.items()}  # copied only when split
         parts = [
             self.graph.run({n: v[i : i + self.max_rows] for n, v in host.items()}, True)
             for i in range(0, rows, self.max_rows)
         ]
         return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
 
-    def close(self) -> None:
-        self.graph.close()
+
+def _leading_dim(value: Any) -> int:
+    """Rows of a feed: numpy and torch arrays have `.shape`, an OrtValue a `.shape()` method; -1 for a
+    scalar."""
+    shape = value.shape() if callable(getattr(value, "shape", None)) else value.shape
+    return int(shape[0]) if len(shape) else -1
 
 
 @dataclass
