@@ -377,7 +377,7 @@ def test_layer_policy_targets_and_modes(tiny: Path, calib: CalibrationSet) -> No
 
 def test_float_layers_stored_as_fp16(tiny: Path, calib: CalibrationSet) -> None:
     """The layers kept in float are stored as fp16 behind a Cast by default: smaller on disk, still
-    computed in fp32, and within a hair of the fp32-stored graph's accuracy."""
+    computed in fp32, and no less accurate than the fp32-stored graph beyond a hair."""
     onnx = pytest.importorskip("onnx")
     folder = tiny.parent / "float-weights"
     shutil.copytree(tiny, folder, dirs_exist_ok=True)
@@ -394,7 +394,9 @@ def test_float_layers_stored_as_fp16(tiny: Path, calib: CalibrationSet) -> None:
     assert not casts["fp32"] and casts["fp16"]  # conv_out and the shortcut convolutions at least
     assert results["fp16"].int8_bytes < results["fp32"].int8_bytes
     fp16, fp32 = results["fp16"].worst_rel_l2, results["fp32"].worst_rel_l2
-    assert abs(fp16 - fp32) <= 0.05 * fp32, f"rel L2 {fp16:.5f} with fp16 storage vs {fp32:.5f}"
+    # no worse than 5 % (it can come out better: the INT8 kernels' rounding differs by CPU, and on an
+    # AVX-512 VNNI machine fp16 storage measured 0.0171 against 0.0183)
+    assert fp16 <= 1.05 * fp32, f"rel L2 {fp16:.5f} with fp16 storage vs {fp32:.5f}"
     with pytest.raises(EffdiffError, match="float_weights"):
         QuantizeOptions(float_weights="bf16")
 
