@@ -31,6 +31,14 @@ OPTION_SETS: dict[str, dict[str, object]] = {
         "enable_mem_pattern": False,
         "config:session.disable_prepacking": "1",
     },
+    # lean, but every graph on one arena shared by the sessions of the process, growing by what is asked
+    "lean-shared": {
+        "enable_mem_pattern": False,
+        "config:session.disable_prepacking": "1",
+        "shared_arena": True,
+    },
+    # the same with the memory pattern on (its planned blocks come from the shared arena)
+    "shared-pattern": {"config:session.disable_prepacking": "1", "shared_arena": True},
     # constant folding turns the fp16 weights of INT8 graphs' float layers into fp32 copies at load
     "no-fold": {"config:optimization.disable_specified_optimizers": "ConstantFolding"},
 }

@@ -11,7 +11,8 @@ samples is missed) beside the time of each call. Modes:
   VAE still load per phase), the plan a budget picks before reloading the UNet every image;
 - `budget:2GiB`: `memory_budget`, which plans (the plan's line is recorded) or refuses up front.
 `--unet-rows 1` runs the UNet's two guidance rows one at a time in the non-budget modes (a budget's
-plan chooses that itself).
+plan chooses that itself). `--lean-options` names the ONNX Runtime option set of the lean modes (from
+benchmarks/memory.py; default: the runtime's own, which budgets use too).
 
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_generate.py --artifacts artifacts/sd15-arch-fused \
       --size 512 --precisions fp32,int8 --modes resident,lean,budget:1.5GiB,budget:2GiB
@@ -27,13 +28,20 @@ import time
 from pathlib import Path
 
 from int8_reference import machine  # benchmarks/ is this script's folder, so it is on sys.path
-from memory import fresh_row
+from memory import OPTION_SETS, fresh_row
 
 MODES = ("resident", "lean-unet", "lean")  # and budget:SIZE
 
 
 def measure_one(
-    artifacts: Path, precision: str, mode: str, size: int, steps: int, schedule: str, unet_rows: int | None
+    artifacts: Path,
+    precision: str,
+    mode: str,
+    size: int,
+    steps: int,
+    schedule: str,
+    unet_rows: int | None,
+    lean_options: str | None,
 ) -> dict:
     """In this process: load, generate twice; figures in GiB and seconds."""
     import psutil
@@ -48,7 +56,9 @@ def measure_one(
     row["unet_rows"] = unet_rows
     lean = mode in ("lean", "lean-unet")
     budget = mode.split(":", 1)[1] if mode.startswith("budget:") else None
-    backend = get_backend("ort", session_options=LEAN_OPTIONS if lean else None)
+    row["lean_options"] = lean_options if lean and lean_options else None
+    options = OPTION_SETS[lean_options] if lean_options else LEAN_OPTIONS
+    backend = get_backend("ort", session_options=options if lean else None)
     pipe = Pipeline.load(artifacts, backend=backend, precision=precision, lean=lean, memory_budget=budget)
     if mode == "lean-unet":
         pipe.graphs.resident = KeySchedule.parse(schedule).graphs
@@ -96,12 +106,20 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--unet-rows", type=int, help="UNet rows per call (default: the whole batch)")
+    parser.add_argument("--lean-options", choices=sorted(OPTION_SETS), help="option set of the lean modes")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one row
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if args.one:
         row = measure_one(
-            args.artifacts, args.precisions, args.modes, args.size, args.steps, args.schedule, args.unet_rows
+            args.artifacts,
+            args.precisions,
+            args.modes,
+            args.size,
+            args.steps,
+            args.schedule,
+            args.unet_rows,
+            args.lean_options,
         )
         print(json.dumps(row))
         return
@@ -115,6 +133,7 @@ def main() -> None:
             options = ["--size", str(args.size), "--steps", str(args.steps), "--schedule", args.schedule]
             options += ["--precisions", precision, "--modes", mode]
             options += ["--unet-rows", str(args.unet_rows)] if args.unet_rows else []
+            options += ["--lean-options", args.lean_options] if args.lean_options else []
             row = fresh_row(__file__, args.artifacts, options, f"{precision} {mode}")
             if row is not None:
                 rows.append(row)

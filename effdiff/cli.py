@@ -409,7 +409,6 @@ def profile_memory_cmd(artifacts: Path, height: int | None, width: int | None, p
     sizes, default and lean ORT options) and store it in the folder for --memory-budget plans."""
     from tqdm import tqdm
 
-    from effdiff.runtime.backends.ort import OrtBackend
     from effdiff.runtime.memory import OPTION_SETS, PROFILE_FILE, profile_memory
     from effdiff.runtime.pipeline import Pipeline
 
@@ -422,7 +421,6 @@ def profile_memory_cmd(artifacts: Path, height: int | None, width: int | None, p
         pipe.manifest,
         pipe.variants,
         pipe.specs,
-        lambda options: OrtBackend(session_options=options),
         latent,
         progress=bar.update,
     )

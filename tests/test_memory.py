@@ -121,7 +121,6 @@ def test_profile_is_measured_and_kept_per_variant(sd1_artifacts: Path, tmp_path:
     graphs) adds to the folder's profile instead of replacing it."""
     import shutil
 
-    from effdiff.runtime.backends.ort import OrtBackend
     from effdiff.runtime.memory import profile_memory
 
     folder = tmp_path / "art"
@@ -131,9 +130,7 @@ def test_profile_is_measured_and_kept_per_variant(sd1_artifacts: Path, tmp_path:
     def measure(graphs: tuple[str, ...]) -> MemoryProfile:
         variants = {g: manifest.variant(g, "fp32") for g in graphs}
         specs = {g: manifest.spec(g, v) for g, v in variants.items()}
-        return profile_memory(
-            folder, manifest, variants, specs, lambda o: OrtBackend(session_options=o), (16, 16)
-        )
+        return profile_memory(folder, manifest, variants, specs, (16, 16))
 
     measure(("text_encoder", "vae_decoder"))
     measure(("unet",))
@@ -149,3 +146,20 @@ def test_profile_is_measured_and_kept_per_variant(sd1_artifacts: Path, tmp_path:
     # activations grow with the image: the VAE decode at 16x16 latents peaks above its weights
     vae = profile.costs["vae_decoder"]["fp32"]["lean"]
     assert vae.activation(1, 64 * 64) > vae.activation(1, 16 * 16) > 0
+
+
+def test_shared_arena_sessions_give_the_same_images(sd1_artifacts: Path) -> None:
+    """Lean options allocate from one arena registered with ONNX Runtime's environment: sessions that
+    open, run and close in turn (lean mode, twice) reuse its blocks and compute what default sessions do."""
+    from effdiff.runtime.backends.ort import SHARED_ARENA, OrtBackend
+    from effdiff.runtime.memory import LEAN_OPTIONS
+
+    assert LEAN_OPTIONS.get(SHARED_ARENA), "lean plans use the shared arena"
+    args = {"steps": 3, "propagation": "uniform:2", "seed": 1, "guidance_scale": 4.0}
+    default = Pipeline.load(sd1_artifacts)("a cat", **args)
+    lean = Pipeline.load(sd1_artifacts, backend=OrtBackend(session_options=LEAN_OPTIONS), lean=True)
+    for _ in range(2):
+        np.testing.assert_allclose(lean("a cat", **args).latents, default.latents, rtol=1e-5, atol=1e-6)
+    assert lean.graphs.open_names == ()
+    session = lean.open_graph("unet_encoder").graph.session  # type: ignore[attr-defined]
+    assert session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
