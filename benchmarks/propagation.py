@@ -42,7 +42,9 @@ def median_call(graph: Graph, feeds: dict[str, np.ndarray], repeat: int = 3) -> 
     return statistics.median(times)
 
 
-def isolated_call_times(pipe: Pipeline, rows: int, h: int, w: int) -> tuple[float, float, float]:
+def isolated_call_times(
+    pipe: Pipeline, rows: int, h: int, w: int, repeat: int = 3
+) -> tuple[float, float, float]:
     """Median seconds of one whole-UNet, encoder and decoder call at `rows` batch rows."""
     rng = np.random.default_rng(0)
     out = []
@@ -55,7 +57,7 @@ def isolated_call_times(pipe: Pipeline, rows: int, h: int, w: int) -> tuple[floa
             features = graph.run(feeds)
         if name == "unet_decoder":
             feeds.update(features)
-        out.append(median_call(graph, feeds))
+        out.append(median_call(graph, feeds, repeat))
         del graph
         gc.collect()
     return out[0], out[1], out[2]

@@ -43,13 +43,14 @@ def centroid(image: Image.Image, background: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="reference", help="reference, or a diffusers folder to judge")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts/reference"))
     parser.add_argument("--seeds", type=int, default=24, help="starting noises (x 5 position words)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=REFERENCE_GUIDANCE)
     args = parser.parse_args()
     if not (args.artifacts / "manifest.json").exists():
-        export_onnx("reference", args.artifacts, progress=False)
+        export_onnx(args.model, args.artifacts, progress=False)
     pipe = Pipeline.load(args.artifacts)
     clf = AttributeClassifier()
     rng = np.random.default_rng(0)

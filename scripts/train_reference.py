@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from effdiff.export.models import sd_scheduler_config, text_config, vae_config
 from effdiff.export.vocab import write_vocab_files
+from effdiff.reference.architectures import ARCHITECTURES, unet_kwargs
 from effdiff.reference.dataset import IMAGE_SIZE, all_scenes, render, sample_batch
 
 # DDPM's linear betas rather than SD's scaled-linear ones: at 16x16 latents, SD's schedule leaves so
@@ -42,7 +43,9 @@ REFERENCE_SCHEDULER = {
 MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting: faster convergence, more weight on the noisy steps
 
 
-def build_models(vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, torch.nn.Module]:
+def build_models(
+    vocab_size: int, bos: int, eos: int, pad: int, architecture: str = "v1"
+) -> dict[str, torch.nn.Module]:
     import diffusers
     import transformers
 
@@ -50,18 +53,7 @@ def build_models(vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, tor
     text = transformers.CLIPTextModel(
         transformers.CLIPTextConfig(**text_config(vocab_size, 128, 3, 4, 512, "quick_gelu", bos, eos, pad))
     )
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 4,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(64, 128, 128),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128,
-        attention_head_dim=4,
-        norm_num_groups=32,
-    )
+    unet = diffusers.UNet2DConditionModel(**unet_kwargs(architecture, IMAGE_SIZE // 4))
     return {"vae": vae, "text_encoder": text, "unet": unet}
 
 
@@ -166,6 +158,7 @@ def train_unet(
     steps: int,
     batch: int,
     device: str,
+    architecture: str = "v1",
 ) -> torch.nn.Module:
     import diffusers
 
@@ -180,6 +173,10 @@ def train_unet(
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        if state.get("arch", "v1") != architecture:
+            raise SystemExit(
+                f"{ckpt} holds a {state.get('arch', 'v1')} UNet; give --arch {architecture} another --work"
+            )
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text"])
         ema.load_state_dict(state["ema"])
@@ -232,6 +229,7 @@ def train_unet(
                     "ema": ema.state_dict(),
                     "opt": opt.state_dict(),
                     "step": step + 1,
+                    "arch": architecture,
                 },
             )
     text.eval().requires_grad_(False)
@@ -258,6 +256,18 @@ def main() -> None:
     )
     parser.add_argument("--per-scene", type=int, default=8, help="jittered renders per training scene")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        help="a diffusers folder whose VAE to use as it is (e.g. effdiff/reference/model) instead of "
+        "training one: the VAE phases are skipped",
+    )
+    parser.add_argument(
+        "--arch",
+        default="v1",
+        choices=sorted(ARCHITECTURES),
+        help="UNet layout (effdiff/reference/architectures.py): v1 is the shipped model's, v2 the next",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -265,21 +275,35 @@ def main() -> None:
     write_vocab_files(vocab_dir)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77)
     models = build_models(
-        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, args.arch
     )
     for name, m in models.items():
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters")
     start = time.time()
     phases = set(args.phases.split(","))
-    train_vae(models["vae"], args.work, args.vae_steps, 32, args.device)
+    if args.vae_from:
+        models["vae"] = (
+            diffusers.AutoencoderKL.from_pretrained(args.vae_from / "vae").eval().requires_grad_(False)
+        )
+    else:
+        train_vae(models["vae"], args.work, args.vae_steps, 32, args.device)
     latents, prompts, scaling = encode_dataset(models["vae"], args.work, args.per_scene, args.device)
-    if "decoder" in phases:
+    if "decoder" in phases and not args.vae_from:
         refine_vae_decoder(models["vae"], args.work, args.decoder_steps, 32, args.device)
     if "unet" not in phases:
         return
     print(f"latent scaling factor {scaling:.4f}; {len(prompts)} training images")
     ema = train_unet(
-        models, tokenizer, latents, prompts, scaling, args.work, args.unet_steps, args.batch, args.device
+        models,
+        tokenizer,
+        latents,
+        prompts,
+        scaling,
+        args.work,
+        args.unet_steps,
+        args.batch,
+        args.device,
+        args.arch,
     )
     vae = models["vae"].cpu()
     vae.register_to_config(scaling_factor=scaling)

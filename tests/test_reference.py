@@ -106,3 +106,24 @@ def test_reference_model_adheres_to_prompts(reference_artifacts: Path) -> None:
     per = adh.per_attribute
     assert per["kind"] >= 0.9 and per["size"] >= 0.9 and per["background"] >= 0.9, per
     assert per["colour"] >= 0.8, per
+
+
+def test_reference_architectures() -> None:
+    """v1 is the shipped UNet's layout; v2 reaches 2x2 features at the model's 16x16 latents (every
+    cell a corner, so the bottleneck can tell quadrants apart) and keeps the whole model under 40 MB."""
+    diffusers = pytest.importorskip("diffusers")
+    from effdiff.errors import EffdiffError
+    from effdiff.reference.architectures import unet_kwargs
+
+    shipped = json.loads((REFERENCE_MODEL / "unet" / "config.json").read_text())
+    v1 = unet_kwargs("v1", shipped["sample_size"])
+    assert all(list(v) == shipped[k] if isinstance(v, tuple) else v == shipped[k] for k, v in v1.items())
+    v2 = unet_kwargs("v2", shipped["sample_size"])
+    assert shipped["sample_size"] // 2 ** (len(v2["block_out_channels"]) - 1) == 2
+    unet = diffusers.UNet2DConditionModel(**v2)
+    others = sum(
+        f.stat().st_size for f in REFERENCE_MODEL.rglob("*") if f.is_file() and "unet" not in f.parts
+    )
+    assert sum(p.numel() for p in unet.parameters()) * 4 + others <= 40e6
+    with pytest.raises(EffdiffError, match="unknown reference architecture 'v9'"):
+        unet_kwargs("v9", 16)
