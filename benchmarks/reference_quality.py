@@ -48,6 +48,7 @@ def guidance_list(text: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="reference", help="reference, or a diffusers folder to judge")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts/reference"))
     parser.add_argument("--count", type=int, default=192, help="held-in scenes scored")
     parser.add_argument("--steps", type=int, default=50)
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--propagation", default="none")
     parser.add_argument("--grid", type=Path, default=Path("docs/reference_grid.png"))
     args = parser.parse_args()
-    export_onnx("reference", args.artifacts, progress=False)
+    export_onnx(args.model, args.artifacts, progress=False)
     pipe = Pipeline.load(args.artifacts)
     clf = AttributeClassifier()
     held_in = held_in_scenes(args.count)
