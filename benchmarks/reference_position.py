@@ -9,7 +9,12 @@ fixed per seed):
    x0) puts mass, per prompted position: if the five centroids coincide, the prompt's position never
    reaches the image's layout, which is then decided by the noise in the first steps;
 4. how far apart the text encoder puts prompts that differ only in the position words, against
-   prompts that differ only in the colour word (relative spread of the hidden states around their mean).
+   prompts that differ only in the colour word (relative spread of the hidden states around their mean);
+5. the same for the UNet's own x0 prediction at the noisiest steps (t = 999 ... 700, one call on pure
+   noise, no guidance), where the layout is decided: how far the position words move it against the
+   colour words (RMS change, latent units), and where the move lands (centre of the change per
+   prompted position, in latent cells as (x, y) in [0, 1]; a model that follows position moves
+   "top left" towards (0.27, 0.27)).
 
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_position.py [--seeds 24]   # about 2 minutes
 """
@@ -24,10 +29,11 @@ import numpy as np
 from PIL import Image
 
 from effdiff.export.onnx import export_onnx
-from effdiff.reference.dataset import BACKGROUNDS, COLOURS, POSITIONS, all_scenes, render
+from effdiff.reference.dataset import BACKGROUNDS, COLOURS, POSITIONS, Scene, all_scenes, render
 from effdiff.reference.judge import AttributeClassifier
 from effdiff.reference.scenes import REFERENCE_GUIDANCE
 from effdiff.runtime.pipeline import Pipeline
+from effdiff.runtime.schedulers import make_scheduler
 
 
 def centroid(image: Image.Image, background: str) -> tuple[float, float]:
@@ -103,6 +109,50 @@ def main() -> None:
         f"4. text encoder hidden states, relative spread over the 5 position words {by_position:.3f}, "
         f"over the {len(COLOURS)} colour words {by_colour:.3f}"
     )
+    print("5. the UNet's x0 prediction on pure noise (one call per prompt, no guidance, seeds averaged):")
+    layout_probe(pipe, bases[0], noise)
+
+
+def layout_probe(pipe: Pipeline, base: Scene, noise: np.ndarray) -> None:
+    """How far the UNet's x0 estimate moves with the position words and with the colour words at the
+    noisiest steps (RMS, latent units), and the centre of each position word's change from the mean
+    over the five."""
+    scheduler = make_scheduler("ddim", pipe.scheduler_config)
+    alphas, v_prediction = scheduler.alphas_cumprod, scheduler.prediction_type == "v_prediction"
+    unet = pipe.open_graph("unet")
+    cells = noise.shape[-1]
+    ys, xs = np.mgrid[0:cells, 0:cells] / (cells - 1)
+
+    def x0(prompts: list[str], t: int) -> np.ndarray:  # (prompts, seeds, 4, h, w)
+        states = pipe.encode_prompt(prompts, guidance_scale=1.0).embeddings
+        a = alphas[t]
+        out = []
+        for row in states:
+            feeds = {
+                "sample": noise,
+                "timestep": np.full(len(noise), float(t), np.float32),
+                "encoder_hidden_states": np.repeat(row[None], len(noise), 0),
+            }
+            pred = unet.run(feeds)["noise_pred"]
+            if v_prediction:
+                out.append(np.sqrt(a) * noise - np.sqrt(1 - a) * pred)
+            else:
+                out.append((noise - np.sqrt(1 - a) * pred) / np.sqrt(a))
+        return np.stack(out)
+
+    def spread(x: np.ndarray) -> float:  # RMS change from the mean over the prompts, in latent units
+        return float(np.sqrt(np.mean((x - x.mean(0, keepdims=True)) ** 2)))
+
+    for t in (999, 900, 800, 700):
+        by_position = x0([replace(base, position=p).prompt for p in POSITIONS], t)
+        by_colour = x0([replace(base, colour=c).prompt for c in COLOURS], t)
+        change = np.abs(by_position - by_position.mean(0, keepdims=True)).sum((1, 2))  # (positions, h, w)
+        centres = [(float((c * xs).sum() / c.sum()), float((c * ys).sum() / c.sum())) for c in change]
+        where = ", ".join(f"{p} ({x:.2f}, {y:.2f})" for p, (x, y) in zip(POSITIONS, centres, strict=True))
+        print(
+            f"   t={t}: spread over position words {spread(by_position):.3f}, over colour words "
+            f"{spread(by_colour):.3f}; change centred at {where}"
+        )
 
 
 if __name__ == "__main__":

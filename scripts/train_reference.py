@@ -41,6 +41,11 @@ REFERENCE_SCHEDULER = {
     "beta_schedule": "linear",
 }
 MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting: faster convergence, more weight on the noisy steps
+# Min-SNR alone weights the x0 error of a step by min(SNR, gamma), which goes to zero at the noisiest
+# steps. Those are the only steps where the prompt's position can act: from mid noise on, the noisy
+# latent already shows where the shape is, so the model follows the seed. A floor of 1 on that weight
+# ("truncated SNR", as in progressive distillation) keeps the layout steps in the loss.
+LAYOUT_STEPS = 700  # --layout-share of each batch draws its timestep from [LAYOUT_STEPS, 1000)
 
 
 def build_models(
@@ -159,6 +164,8 @@ def train_unet(
     batch: int,
     device: str,
     architecture: str = "v1",
+    snr_floor: float = 0.0,
+    layout_share: float = 0.0,
 ) -> torch.nn.Module:
     import diffusers
 
@@ -201,14 +208,17 @@ def train_unet(
         drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows for classifier-free guidance
         ids[drop] = empty
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        layout = torch.rand(batch, generator=gen) < layout_share  # the steps that decide the layout
+        t[layout] = torch.randint(LAYOUT_STEPS, 1000, (int(layout.sum()),), generator=gen)
+        t = t.to(device)
         a = acp[t].view(-1, 1, 1, 1)
         signal, sigma = a.sqrt(), (1 - a).sqrt()
         xt = signal * x0 + sigma * noise
         ehs = text(ids.to(device))[0]
         target = signal * noise - sigma * x0  # v
         snr = a / (1 - a)
-        weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1)
+        weight = torch.clamp(snr, min=snr_floor, max=MIN_SNR_GAMMA) / (snr + 1)  # on v: x0 error x (snr+1)
         loss = (weight * (unet(xt, t, ehs).sample - target).pow(2)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -268,6 +278,18 @@ def main() -> None:
         choices=sorted(ARCHITECTURES),
         help="UNet layout (effdiff/reference/architectures.py): v1 is the shipped model's, v2 the next",
     )
+    parser.add_argument(
+        "--snr-floor",
+        type=float,
+        default=0.0,
+        help="floor of the x0-error weight (0: plain min-SNR, as the shipped v1; 1: truncated SNR)",
+    )
+    parser.add_argument(
+        "--layout-share",
+        type=float,
+        default=0.0,
+        help=f"share of each batch trained at the noisiest steps (t >= {LAYOUT_STEPS}): the layout steps",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -304,6 +326,8 @@ def main() -> None:
         args.batch,
         args.device,
         args.arch,
+        args.snr_floor,
+        args.layout_share,
     )
     vae = models["vae"].cpu()
     vae.register_to_config(scaling_factor=scaling)
