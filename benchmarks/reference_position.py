@@ -1,20 +1,18 @@
-"""Why the reference model ignores "top left" / "bottom right": is it the judge, the prompt, or the model?
+"""Does the reference model follow "top left"? If not, is it the judge, the prompt, or the model?
 
-Three readings, on the same starting noise for the five position words (everything else in the prompt
+Four readings, on the same starting noise for the five position words (everything else in the prompt
 fixed per seed):
 1. the attribute classifier's position accuracy on real renders (is the judge right?);
 2. where the model puts the shape after the full sampling run: position adherence, and the share of
    seeds whose five prompts all land in the same place (the noise, not the prompt, decides);
-3. where the model's first prediction of the image (DDIM, one step from pure noise: its estimate of
-   x0) puts mass, per prompted position: if the five centroids coincide, the prompt's position never
-   reaches the image's layout, which is then decided by the noise in the first steps;
-4. how far apart the text encoder puts prompts that differ only in the position words, against
+3. how far apart the text encoder puts prompts that differ only in the position words, against
    prompts that differ only in the colour word (relative spread of the hidden states around their mean);
-5. the same for the UNet's own x0 prediction at the noisiest steps (t = 999 ... 700, one call on pure
+4. the same for the UNet's own x0 prediction at the noisiest steps (t = 999 ... 700, one call on pure
    noise, no guidance), where the layout is decided: how far the position words move it against the
    colour words (RMS change, latent units), and where the move lands (centre of the change per
    prompted position, in latent cells as (x, y) in [0, 1]; a model that follows position moves
-   "top left" towards (0.27, 0.27)).
+   "top left" towards (0.27, 0.27)). One DDIM step is not this reading: with the scheduler's "leading"
+   spacing, a 1-step run evaluates the UNet at t=1, not at t=999.
 
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_position.py [--seeds 24]   # about 2 minutes
 """
@@ -26,25 +24,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from effdiff.export.onnx import export_onnx
-from effdiff.reference.dataset import BACKGROUNDS, COLOURS, POSITIONS, Scene, all_scenes, render
+from effdiff.reference.dataset import COLOURS, POSITIONS, Scene, all_scenes, render
 from effdiff.reference.judge import AttributeClassifier
 from effdiff.reference.scenes import REFERENCE_GUIDANCE
 from effdiff.runtime.pipeline import Pipeline
 from effdiff.runtime.schedulers import make_scheduler
-
-
-def centroid(image: Image.Image, background: str) -> tuple[float, float]:
-    """Centre of the pixels that differ from the background colour, as (x, y) in [0, 1]."""
-    arr = np.asarray(image.convert("RGB"), np.float32)
-    mass = np.abs(arr - np.array(BACKGROUNDS[background], np.float32)).sum(-1)
-    mass = np.clip(mass - np.percentile(mass, 50), 0, None)
-    total = mass.sum() or 1.0
-    h, w = mass.shape
-    ys, xs = np.mgrid[0:h, 0:w]
-    return float((mass * xs).sum() / total / (w - 1)), float((mass * ys).sum() / total / (h - 1))
 
 
 def main() -> None:
@@ -54,6 +40,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=24, help="starting noises (x 5 position words)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=REFERENCE_GUIDANCE)
+    parser.add_argument("--probe-only", action="store_true", help="reading 4 alone (seconds, no sampling)")
     args = parser.parse_args()
     if not (args.artifacts / "manifest.json").exists():
         export_onnx(args.model, args.artifacts, progress=False)
@@ -70,33 +57,28 @@ def main() -> None:
     bases = [pool[i] for i in rng.integers(0, len(pool), args.seeds)]
     side = pipe.geometry.latent_size(*pipe.default_size())
     noise = rng.standard_normal((args.seeds, 4, *side)).astype(np.float32)
-    confusion = np.zeros((len(POSITIONS), len(POSITIONS)), int)
-    same_place, first = 0, {p: [] for p in POSITIONS}
-    for base, z in zip(bases, noise, strict=True):
-        scenes = [replace(base, position=p) for p in POSITIONS]
-        prompts = [s.prompt for s in scenes]
-        latents = np.repeat(z[None], len(scenes), 0)
-        kwargs = {"guidance_scale": args.guidance, "latents": latents, "propagation": "none"}
-        images = pipe(prompts, steps=args.steps, **kwargs).images
-        read = clf.run(images)[0]["position"]
-        for i, r in enumerate(read):
-            confusion[i, r] += 1
-        same_place += len(set(read.tolist())) == 1
-        for p, im in zip(POSITIONS, pipe(prompts, steps=1, **kwargs).images, strict=True):
-            first[p].append(centroid(im, base.background))
-    n = args.seeds * len(POSITIONS)
-    print(
-        f"2. after {args.steps} steps (guidance {args.guidance:g}, same noise for the 5 words): position "
-        f"adherence {np.trace(confusion) / n:.3f} over {n} images; the 5 prompts of a seed all read as one "
-        f"position for {same_place} of {args.seeds} seeds"
-    )
-    print("   prompted \\ read: " + ", ".join(POSITIONS))
-    for p, row in zip(POSITIONS, confusion, strict=True):
-        print(f"   {p:<12} {row.tolist()}")
-    print("3. centroid (x, y) of the model's first x0 estimate, mean over seeds, per prompted position:")
-    for p in POSITIONS:
-        c = np.mean(first[p], 0)
-        print(f"   {p:<12} ({c[0]:.2f}, {c[1]:.2f})")
+    if not args.probe_only:
+        confusion = np.zeros((len(POSITIONS), len(POSITIONS)), int)
+        same_place = 0
+        for base, z in zip(bases, noise, strict=True):
+            scenes = [replace(base, position=p) for p in POSITIONS]
+            prompts = [s.prompt for s in scenes]
+            latents = np.repeat(z[None], len(scenes), 0)
+            kwargs = {"guidance_scale": args.guidance, "latents": latents, "propagation": "none"}
+            images = pipe(prompts, steps=args.steps, **kwargs).images
+            read = clf.run(images)[0]["position"]
+            for i, r in enumerate(read):
+                confusion[i, r] += 1
+            same_place += len(set(read.tolist())) == 1
+        n = args.seeds * len(POSITIONS)
+        print(
+            f"2. after {args.steps} steps (guidance {args.guidance:g}, same noise for the 5 words): position "
+            f"adherence {np.trace(confusion) / n:.3f} over {n} images; the 5 prompts of a seed all read as "
+            f"one position for {same_place} of {args.seeds} seeds"
+        )
+        print("   prompted \\ read: " + ", ".join(POSITIONS))
+        for p, row in zip(POSITIONS, confusion, strict=True):
+            print(f"   {p:<12} {row.tolist()}")
 
     def spread(prompts: list[str]) -> float:
         states = pipe.encode_prompt(prompts, guidance_scale=1.0).embeddings  # no guidance: rows = prompts
@@ -106,10 +88,10 @@ def main() -> None:
     by_position = np.mean([spread([replace(b, position=p).prompt for p in POSITIONS]) for b in bases])
     by_colour = np.mean([spread([replace(b, colour=c).prompt for c in COLOURS]) for b in bases])
     print(
-        f"4. text encoder hidden states, relative spread over the 5 position words {by_position:.3f}, "
+        f"3. text encoder hidden states, relative spread over the 5 position words {by_position:.3f}, "
         f"over the {len(COLOURS)} colour words {by_colour:.3f}"
     )
-    print("5. the UNet's x0 prediction on pure noise (one call per prompt, no guidance, seeds averaged):")
+    print("4. the UNet's x0 prediction on pure noise (one call per prompt, no guidance, seeds averaged):")
     layout_probe(pipe, bases[0], noise)
 
 

@@ -48,6 +48,20 @@ MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting: faster convergence, more weight o
 LAYOUT_STEPS = 700  # --layout-share of each batch draws its timestep from [LAYOUT_STEPS, 1000)
 
 
+def draw_timesteps(batch: int, layout_share: float, gen: torch.Generator) -> torch.Tensor:
+    """Uniform over [0, 1000), except a `layout_share` of the rows drawn from [LAYOUT_STEPS, 1000)."""
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    layout = torch.rand(batch, generator=gen) < layout_share
+    t[layout] = torch.randint(LAYOUT_STEPS, 1000, (int(layout.sum()),), generator=gen)
+    return t
+
+
+def v_loss_weight(snr: torch.Tensor, snr_floor: float) -> torch.Tensor:
+    """Weight of the squared v error such that the x0 error counts clamp(SNR, snr_floor, gamma) times
+    (a squared v error is the squared x0 error times SNR + 1)."""
+    return torch.clamp(snr, min=snr_floor, max=MIN_SNR_GAMMA) / (snr + 1)
+
+
 def build_models(
     vocab_size: int, bos: int, eos: int, pad: int, architecture: str = "v1"
 ) -> dict[str, torch.nn.Module]:
@@ -208,17 +222,14 @@ def train_unet(
         drop = torch.rand(batch, generator=gen) < 0.1  # unconditional rows for classifier-free guidance
         ids[drop] = empty
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (batch,), generator=gen)
-        layout = torch.rand(batch, generator=gen) < layout_share  # the steps that decide the layout
-        t[layout] = torch.randint(LAYOUT_STEPS, 1000, (int(layout.sum()),), generator=gen)
-        t = t.to(device)
+        t = draw_timesteps(batch, layout_share, gen).to(device)
         a = acp[t].view(-1, 1, 1, 1)
         signal, sigma = a.sqrt(), (1 - a).sqrt()
         xt = signal * x0 + sigma * noise
         ehs = text(ids.to(device))[0]
         target = signal * noise - sigma * x0  # v
         snr = a / (1 - a)
-        weight = torch.clamp(snr, min=snr_floor, max=MIN_SNR_GAMMA) / (snr + 1)  # on v: x0 error x (snr+1)
+        weight = v_loss_weight(snr, snr_floor)
         loss = (weight * (unet(xt, t, ehs).sample - target).pow(2)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

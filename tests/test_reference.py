@@ -127,3 +127,33 @@ def test_reference_architectures() -> None:
     assert sum(p.numel() for p in unet.parameters()) * 4 + others <= 40e6
     with pytest.raises(EffdiffError, match="unknown reference architecture 'v9'"):
         unet_kwargs("v9", 16)
+
+
+def test_training_loss_reaches_the_layout_steps() -> None:
+    """Plain min-SNR gives the x0 error of the noisiest steps almost no weight, which is why the shipped
+    model never learned position; `--snr-floor 1` weights it at least 1 and `--layout-share` draws
+    more of those steps."""
+    torch = pytest.importorskip("torch")
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "train_reference.py"
+    spec = importlib.util.spec_from_file_location("train_reference", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    betas = torch.linspace(
+        train.REFERENCE_SCHEDULER["beta_start"], train.REFERENCE_SCHEDULER["beta_end"], 1000
+    )
+    alphas = torch.cumprod(1 - betas, 0)
+    snr = alphas / (1 - alphas)
+    x0_weight = {floor: train.v_loss_weight(snr, floor) * (snr + 1) for floor in (0.0, 1.0)}
+    layout = slice(train.LAYOUT_STEPS, 1000)
+    assert float(x0_weight[0.0][layout].max()) < 0.01  # min-SNR: the layout steps barely count
+    torch.testing.assert_close(x0_weight[1.0][layout], torch.ones(1000 - train.LAYOUT_STEPS))
+    assert float(x0_weight[1.0][0]) == pytest.approx(train.MIN_SNR_GAMMA)  # the cap still holds
+
+    gen = torch.Generator().manual_seed(0)
+    for share, expected in ((0.0, 0.3), (0.5, 0.65)):
+        t = train.draw_timesteps(20000, share, gen)
+        assert int(t.min()) >= 0 and int(t.max()) <= 999
+        assert float((t >= train.LAYOUT_STEPS).float().mean()) == pytest.approx(expected, abs=0.02)

@@ -1,12 +1,11 @@
 """UNet layouts of the reference model, as `diffusers.UNet2DConditionModel` keyword arguments.
 
 `v1` is the shipped model's: three resolution levels (16, 8, 4 at 16x16 latents), one layer per block.
-Its deepest features are 4x4, where most cells see no image border, so nothing in them says where they
-are; the model never learned "top left" (benchmarks/reference_position.py).
 
-`v2` is SD's layout at small width: four levels down to 2x2, where every cell is a corner whose zero
-padding differs (the bottleneck knows each quadrant), cross-attention on the first three, two layers
-per block; widths chosen so the whole model stays under 40 MB. Not trained yet.
+`v2` is SD's layout at small width: four levels down to 2x2, cross-attention on the first three, two
+layers per block; widths chosen so the whole model stays under 40 MB and the encoder's share of the
+FLOPs matches SD1.5's. Trained with `--snr-floor 1 --layout-share 0.5` it follows position, which v1
+never learned (a loss that ignored the noisiest steps, not the layout: benchmarks/reference_position.py).
 benchmarks/reference_architecture.py measures each layout's encoder share (FLOPs and ONNX Runtime
 time) and size.
 """
