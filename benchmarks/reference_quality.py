@@ -61,17 +61,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000, help="seed of the first chunk of images")
     parser.add_argument("--propagation", default="none")
     parser.add_argument("--grid", type=Path, default=Path("docs/reference_grid.png"))
+    parser.add_argument("--splits", default="held-in,held-out", help="which of held-in, held-out to score")
     args = parser.parse_args()
     export_onnx(args.model, args.artifacts, progress=False)
     pipe = Pipeline.load(args.artifacts)
     clf = AttributeClassifier()
-    held_in = held_in_scenes(args.count)
-    held_out = held_out_scenes()
+    splits = {"held-in": held_in_scenes(args.count), "held-out": held_out_scenes()}
+    unknown = set(args.splits.split(",")) - set(splits)
+    if unknown:
+        parser.error(f"unknown split(s) {', '.join(sorted(unknown))}; known: held-in, held-out")
     print(f"DDIM {args.steps} steps, propagation {args.propagation}, seed {args.seed}")
     print("| guidance | split | images | kind | colour | size | position | background | mean | domain FD |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for guidance in args.guidance:
-        for name, scenes in (("held-in", held_in), ("held-out", held_out)):
+        for name in args.splits.split(","):
+            scenes = splits[name]
             images = generate(pipe, scenes, args.seed, args.steps, guidance, args.propagation)
             preds, feats = clf.run(images)
             adh = Adherence.of(preds, scenes)
