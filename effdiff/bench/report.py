@@ -56,7 +56,7 @@ def adherence_eligible(report: BenchReport) -> tuple[list[Row], str]:
     ours = [r for r in report.rows if r.kind == "effdiff"]
     full = next(r for r in report.rows if r.name == "full")
     if "adherence" not in full.quality:
-        return ours, "adherence not measured (not the reference model)"
+        return ours, "adherence not measured (only the reference model with its own prompts, no --prompt)"
     floor = full.quality["adherence"] - TARGET_ADHERENCE_DROP
     eligible = [r for r in ours if r.quality["adherence_lo"] >= floor]
     readings = int(full.quality.get("adherence_n", 0)) * 5
