@@ -10,9 +10,13 @@ fixed per seed):
 4. the same for the UNet's own x0 prediction at the noisiest steps (t = 999 ... 700, one call on pure
    noise, no guidance), where the layout is decided: how far the position words move it against the
    colour words (RMS change, latent units), and where the move lands (centre of the change per
-   prompted position, in latent cells as (x, y) in [0, 1]; a model that follows position moves
-   "top left" towards (0.27, 0.27)). One DDIM step is not this reading: with the scheduler's "leading"
-   spacing, a 1-step run evaluates the UNet at t=1, not at t=999.
+   prompted position, in latent cells as (x, y) in [0, 1]). The centre is that of the absolute change
+   over the whole map, so the change elsewhere pulls it towards (0.5, 0.5): a model that ignores
+   position reads about (0.5, 0.5) for every word, and one that follows it (v2 after the layout
+   steps, adherence 1.000) read (0.39, 0.40) for "top left", not where the shape is drawn. The probe
+   takes the first seed's scene as the prompt for every seed's noise. One DDIM step is not this
+   reading: with the scheduler's "leading" spacing, a 1-step run evaluates the UNet at t=1, not at
+   t=999.
 
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_position.py [--seeds 24]   # about 2 minutes
 """
@@ -40,7 +44,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=24, help="starting noises (x 5 position words)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=REFERENCE_GUIDANCE)
-    parser.add_argument("--probe-only", action="store_true", help="reading 4 alone (seconds, no sampling)")
+    parser.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="skip reading 2, the sampling (readings 1, 3 and 4 take seconds)",
+    )
     args = parser.parse_args()
     if not (args.artifacts / "manifest.json").exists():
         export_onnx(args.model, args.artifacts, progress=False)
@@ -98,7 +106,7 @@ def main() -> None:
 def layout_probe(pipe: Pipeline, base: Scene, noise: np.ndarray) -> None:
     """How far the UNet's x0 estimate moves with the position words and with the colour words at the
     noisiest steps (RMS, latent units), and the centre of each position word's change from the mean
-    over the five."""
+    over the five. One scene (`base`) gives the prompts; each seed's noise is a row of `noise`."""
     scheduler = make_scheduler("ddim", pipe.scheduler_config)
     alphas, v_prediction = scheduler.alphas_cumprod, scheduler.prediction_type == "v_prediction"
     unet = pipe.open_graph("unet")

@@ -60,16 +60,23 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=1000, help="seed of the first chunk of images")
     parser.add_argument("--propagation", default="none")
-    parser.add_argument("--grid", type=Path, default=Path("docs/reference_grid.png"))
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        help="sample grid PNG (default: docs/reference_grid.png for the shipped model, else in --artifacts)",
+    )
     parser.add_argument("--splits", default="held-in,held-out", help="which of held-in, held-out to score")
     args = parser.parse_args()
-    export_onnx(args.model, args.artifacts, progress=False)
-    pipe = Pipeline.load(args.artifacts)
-    clf = AttributeClassifier()
     splits = {"held-in": held_in_scenes(args.count), "held-out": held_out_scenes()}
     unknown = set(args.splits.split(",")) - set(splits)
     if unknown:
         parser.error(f"unknown split(s) {', '.join(sorted(unknown))}; known: held-in, held-out")
+    if args.grid is None:
+        shipped = args.model == "reference"
+        args.grid = Path("docs/reference_grid.png") if shipped else args.artifacts / "reference_grid.png"
+    export_onnx(args.model, args.artifacts, progress=False)
+    pipe = Pipeline.load(args.artifacts)
+    clf = AttributeClassifier()
     print(f"DDIM {args.steps} steps, propagation {args.propagation}, seed {args.seed}")
     print("| guidance | split | images | kind | colour | size | position | background | mean | domain FD |")
     print("|---|---|---|---|---|---|---|---|---|---|")

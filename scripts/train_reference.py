@@ -51,6 +51,8 @@ LAYOUT_STEPS = 700  # --layout-share of each batch draws its timestep from [LAYO
 def draw_timesteps(batch: int, layout_share: float, gen: torch.Generator) -> torch.Tensor:
     """Uniform over [0, 1000), except a `layout_share` of the rows drawn from [LAYOUT_STEPS, 1000)."""
     t = torch.randint(0, 1000, (batch,), generator=gen)
+    if layout_share <= 0:  # no further draw: the defaults keep the shipped run's random stream
+        return t
     layout = torch.rand(batch, generator=gen) < layout_share
     t[layout] = torch.randint(LAYOUT_STEPS, 1000, (int(layout.sum()),), generator=gen)
     return t
@@ -74,6 +76,21 @@ def build_models(
     )
     unet = diffusers.UNet2DConditionModel(**unet_kwargs(architecture, IMAGE_SIZE // 4))
     return {"vae": vae, "text_encoder": text, "unet": unet}
+
+
+def init_weights(models: dict[str, torch.nn.Module], folder: Path, architecture: str) -> None:
+    """Start the UNet and text encoder from a trained diffusers folder (a fine-tune)."""
+    import diffusers
+    import transformers
+
+    for name, cls in (("unet", diffusers.UNet2DConditionModel), ("text_encoder", transformers.CLIPTextModel)):
+        try:
+            models[name].load_state_dict(cls.from_pretrained(folder / name).state_dict())
+        except (OSError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise SystemExit(
+                f"--init-from {folder}: its {name} is not a {architecture} one ({first})"
+            ) from None
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -180,13 +197,14 @@ def train_unet(
     architecture: str = "v1",
     snr_floor: float = 0.0,
     layout_share: float = 0.0,
+    peak_lr: float = 4e-4,
 ) -> torch.nn.Module:
     import diffusers
 
     unet, text = models["unet"].to(device).train(), models["text_encoder"].to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=1e-2)
     sched = diffusers.DDPMScheduler(
         **{k: v for k, v in REFERENCE_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")}
     )
@@ -203,6 +221,11 @@ def train_unet(
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
+        saved = {"snr_floor": state.get("snr_floor"), "layout_share": state.get("layout_share")}
+        asked = {"snr_floor": snr_floor, "layout_share": layout_share}
+        for key, value in saved.items():
+            if value is not None and value != asked[key]:
+                print(f"warning: {ckpt} was trained with {key}={value}; resuming with {asked[key]}")
     ids_all = tokenizer(
         prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
@@ -213,7 +236,7 @@ def train_unet(
     warmup = 300
     bar = tqdm(range(start, steps), desc="unet", initial=start, total=steps)
     for step in bar:
-        lr = 4e-4 * min(1.0, (step + 1) / warmup) * (0.5 * (1 + np.cos(np.pi * step / steps)) * 0.9 + 0.1)
+        lr = peak_lr * min(1.0, (step + 1) / warmup) * (0.5 * (1 + np.cos(np.pi * step / steps)) * 0.9 + 0.1)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(lat), (batch,), generator=gen)
@@ -251,6 +274,8 @@ def train_unet(
                     "opt": opt.state_dict(),
                     "step": step + 1,
                     "arch": architecture,
+                    "snr_floor": snr_floor,
+                    "layout_share": layout_share,
                 },
             )
     text.eval().requires_grad_(False)
@@ -284,6 +309,13 @@ def main() -> None:
         "training one: the VAE phases are skipped",
     )
     parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="a diffusers folder of the same --arch to fine-tune (e.g. effdiff/reference/model): its "
+        "VAE is used as it is (as --vae-from) and its UNet and text encoder are the starting weights",
+    )
+    parser.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the UNet phase")
+    parser.add_argument(
         "--arch",
         default="v1",
         choices=sorted(ARCHITECTURES),
@@ -314,6 +346,9 @@ def main() -> None:
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters")
     start = time.time()
     phases = set(args.phases.split(","))
+    if args.init_from:
+        args.vae_from = args.init_from
+        init_weights(models, args.init_from, args.arch)
     if args.vae_from:
         models["vae"] = (
             diffusers.AutoencoderKL.from_pretrained(args.vae_from / "vae").eval().requires_grad_(False)
@@ -323,6 +358,8 @@ def main() -> None:
     latents, prompts, scaling = encode_dataset(models["vae"], args.work, args.per_scene, args.device)
     if "decoder" in phases and not args.vae_from:
         refine_vae_decoder(models["vae"], args.work, args.decoder_steps, 32, args.device)
+    if args.init_from:  # the latents the starting UNet was trained on are scaled by its own factor
+        scaling = float(models["vae"].config.scaling_factor)
     if "unet" not in phases:
         return
     print(f"latent scaling factor {scaling:.4f}; {len(prompts)} training images")
@@ -339,6 +376,7 @@ def main() -> None:
         args.arch,
         args.snr_floor,
         args.layout_share,
+        args.lr,
     )
     vae = models["vae"].cpu()
     vae.register_to_config(scaling_factor=scaling)

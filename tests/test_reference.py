@@ -157,3 +157,9 @@ def test_training_loss_reaches_the_layout_steps() -> None:
         t = train.draw_timesteps(20000, share, gen)
         assert int(t.min()) >= 0 and int(t.max()) <= 999
         assert float((t >= train.LAYOUT_STEPS).float().mean()) == pytest.approx(expected, abs=0.02)
+    # share 0 draws nothing more: the defaults keep the shipped run's random stream
+    gens = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(
+        train.draw_timesteps(8, 0.0, gens[0]), torch.randint(0, 1000, (8,), generator=gens[1])
+    )
+    torch.testing.assert_close(torch.rand(4, generator=gens[0]), torch.rand(4, generator=gens[1]))
