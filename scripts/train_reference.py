@@ -314,6 +314,13 @@ def main() -> None:
         help="a diffusers folder of the same --arch to fine-tune (e.g. effdiff/reference/model): its "
         "VAE is used as it is (as --vae-from) and its UNet and text encoder are the starting weights",
     )
+    parser.add_argument(
+        "--vae-init",
+        type=Path,
+        help="a diffusers folder whose VAE the VAE phases continue from (--vae-steps more joint steps, "
+        "then the decoder refinement) instead of random weights; with --init-from, the UNet is then "
+        "fine-tuned on the new VAE's latents",
+    )
     parser.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the UNet phase")
     parser.add_argument(
         "--arch",
@@ -334,6 +341,15 @@ def main() -> None:
         help=f"share of each batch trained at the noisiest steps (t >= {LAYOUT_STEPS}): the layout steps",
     )
     args = parser.parse_args()
+    for flag, folder in (
+        ("--init-from", args.init_from),
+        ("--vae-from", args.vae_from),
+        ("--vae-init", args.vae_init),
+    ):
+        if folder and not (folder / "vae" / "config.json").is_file():
+            raise SystemExit(f"{flag} {folder}: not a diffusers pipeline folder (no vae/config.json)")
+    if args.vae_init and args.vae_from:
+        raise SystemExit("--vae-init and --vae-from both choose the VAE: pass one")
     torch.manual_seed(0)
     args.work.mkdir(parents=True, exist_ok=True)
     vocab_dir = args.work / "vocab"
@@ -347,8 +363,13 @@ def main() -> None:
     start = time.time()
     phases = set(args.phases.split(","))
     if args.init_from:
-        args.vae_from = args.init_from
         init_weights(models, args.init_from, args.arch)
+        if not args.vae_init:
+            args.vae_from = args.init_from
+    if args.vae_init:
+        models["vae"].load_state_dict(
+            diffusers.AutoencoderKL.from_pretrained(args.vae_init / "vae").state_dict()
+        )
     if args.vae_from:
         models["vae"] = (
             diffusers.AutoencoderKL.from_pretrained(args.vae_from / "vae").eval().requires_grad_(False)
@@ -358,7 +379,7 @@ def main() -> None:
     latents, prompts, scaling = encode_dataset(models["vae"], args.work, args.per_scene, args.device)
     if "decoder" in phases and not args.vae_from:
         refine_vae_decoder(models["vae"], args.work, args.decoder_steps, 32, args.device)
-    if args.init_from:  # the latents the starting UNet was trained on are scaled by its own factor
+    if args.init_from and not args.vae_init:  # the starting UNet's latents are scaled by its own factor
         scaling = float(models["vae"].config.scaling_factor)
     if "unet" not in phases:
         return

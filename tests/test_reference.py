@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +166,24 @@ def test_training_loss_reaches_the_layout_steps() -> None:
         train.draw_timesteps(8, 0.0, gens[0]), torch.randint(0, 1000, (8,), generator=gens[1])
     )
     torch.testing.assert_close(torch.rand(4, generator=gens[0]), torch.rand(4, generator=gens[1]))
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--vae-init", "no-such-folder"], "--vae-init no-such-folder: not a diffusers pipeline folder"),
+        (["--vae-init", str(REFERENCE_MODEL), "--vae-from", str(REFERENCE_MODEL)], "pass one"),
+    ],
+)
+def test_training_refuses_bad_folders_in_one_line(tmp_path: Path, flags: list[str], needle: str) -> None:
+    script = Path(__file__).parents[1] / "scripts" / "train_reference.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--work", str(tmp_path / "work"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "work").exists()  # refused before anything was written
