@@ -9,15 +9,14 @@ held-out, the domain Frechet distance to real renders, and a sample grid (prompt
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from effdiff.export.onnx import export_onnx
-from effdiff.reference.dataset import COLOURS, render
-from effdiff.reference.judge import Adherence, AttributeClassifier, frechet_distance
+from effdiff.reference.dataset import render
+from effdiff.reference.judge import Adherence, AttributeClassifier, frechet_distance, misread
 from effdiff.reference.scenes import DEMO_SCENES, REFERENCE_GUIDANCE, held_in_scenes, held_out_scenes
 from effdiff.runtime.images import image_grid
 from effdiff.runtime.pipeline import Pipeline
@@ -81,7 +80,7 @@ def main() -> None:
     print(f"DDIM {args.steps} steps, propagation {args.propagation}, seed {args.seed}")
     print("| guidance | split | images | kind | colour | size | position | background | mean | domain FD |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    misses: dict[str, Counter] = {}  # (guidance, split) -> which colour was drawn as which
+    misses = {}  # "guidance G, split" -> which colour was drawn as which
     for guidance in args.guidance:
         for name in args.splits.split(","):
             scenes = splits[name]
@@ -91,10 +90,7 @@ def main() -> None:
             real = [render(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
             fd = frechet_distance(feats.astype(np.float64), clf.run(real)[1].astype(np.float64))
             per = adh.per_attribute
-            drawn = [list(COLOURS)[p] for p in preds["colour"]]
-            misses[f"guidance {guidance:g}, {name}"] = Counter(
-                (s.colour, d) for s, d in zip(scenes, drawn, strict=True) if d != s.colour
-            )
+            misses[f"guidance {guidance:g}, {name}"] = misread(preds, scenes, "colour")
             print(
                 f"| {guidance:g} | {name} | {adh.count} | {per['kind']:.3f} | {per['colour']:.3f} | "
                 f"{per['size']:.3f} | {per['position']:.3f} | {per['background']:.3f} | {adh.mean:.3f} | "

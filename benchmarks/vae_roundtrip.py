@@ -9,7 +9,6 @@ encoder puts each pair of colours (mean latent distance of the same shapes in di
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from itertools import product
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from PIL import Image
 
 from effdiff.reference import MODEL_DIR as REFERENCE_MODEL
 from effdiff.reference.dataset import BACKGROUNDS, COLOURS, KINDS, Scene, all_scenes, render
-from effdiff.reference.judge import Adherence, AttributeClassifier
+from effdiff.reference.judge import Adherence, AttributeClassifier, misread
 
 
 def load_vae(checkpoint: Path | None) -> torch.nn.Module:
@@ -62,10 +61,8 @@ def main() -> None:
     print("| " + " | ".join(adh.per_attribute) + " |")
     print("|" + "---|" * len(adh.per_attribute))
     print("| " + " | ".join(f"{v:.3f}" for v in adh.per_attribute.values()) + " |")
+    misses = misread(preds, scenes, "colour")
     colours = list(COLOURS)
-    misses = Counter(
-        (s.colour, colours[p]) for s, p in zip(scenes, preds["colour"], strict=True) if colours[p] != s.colour
-    )
     print(
         "colour misses: "
         + (", ".join(f"{a} read as {b}: {n}" for (a, b), n in misses.most_common()) or "none")

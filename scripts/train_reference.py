@@ -78,19 +78,22 @@ def build_models(
     return {"vae": vae, "text_encoder": text, "unet": unet}
 
 
+def load_weights(model: torch.nn.Module, cls: type, path: Path, flag: str, what: str) -> None:
+    """Copy a saved diffusers/transformers component's weights into `model`, or stop with one line."""
+    try:
+        model.load_state_dict(cls.from_pretrained(path).state_dict())
+    except (OSError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise SystemExit(f"{flag} {path.parent}: its {path.name} is not {what} ({first})") from None
+
+
 def init_weights(models: dict[str, torch.nn.Module], folder: Path, architecture: str) -> None:
     """Start the UNet and text encoder from a trained diffusers folder (a fine-tune)."""
     import diffusers
     import transformers
 
     for name, cls in (("unet", diffusers.UNet2DConditionModel), ("text_encoder", transformers.CLIPTextModel)):
-        try:
-            models[name].load_state_dict(cls.from_pretrained(folder / name).state_dict())
-        except (OSError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0]
-            raise SystemExit(
-                f"--init-from {folder}: its {name} is not a {architecture} one ({first})"
-            ) from None
+        load_weights(models[name], cls, folder / name, "--init-from", f"a {architecture} one")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -367,8 +370,8 @@ def main() -> None:
         if not args.vae_init:
             args.vae_from = args.init_from
     if args.vae_init:
-        models["vae"].load_state_dict(
-            diffusers.AutoencoderKL.from_pretrained(args.vae_init / "vae").state_dict()
+        load_weights(
+            models["vae"], diffusers.AutoencoderKL, args.vae_init / "vae", "--vae-init", "this model's VAE"
         )
     if args.vae_from:
         models["vae"] = (

@@ -188,3 +188,40 @@ def test_training_refuses_bad_folders_in_one_line(tmp_path: Path, flags: list[st
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and needle in lines[0], proc.stderr
     assert not (tmp_path / "work").exists()  # refused before anything was written
+
+
+def test_training_refuses_a_vae_of_another_shape_in_one_line(tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=2).save_pretrained(
+        tmp_path / "other" / "vae"
+    )
+    script = Path(__file__).parents[1] / "scripts" / "train_reference.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--work",
+            str(tmp_path / "work"),
+            "--vae-init",
+            str(tmp_path / "other"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert f"--vae-init {tmp_path / 'other'}: its vae is not this model's VAE" in lines[0], lines[0]
+
+
+def test_misread_lists_the_confusions() -> None:
+    from effdiff.reference.dataset import ATTRIBUTES
+    from effdiff.reference.judge import misread
+
+    scenes = all_scenes(held_out=False)[:4]
+    preds = {name: np.array([s.labels()[name] for s in scenes]) for name in ATTRIBUTES}
+    assert not misread(preds, scenes, "colour")
+    other = next(c for c in ATTRIBUTES["colour"] if c != scenes[1].colour)
+    preds["colour"][1] = ATTRIBUTES["colour"].index(other)
+    assert misread(preds, scenes, "colour") == {(scenes[1].colour, other): 1}

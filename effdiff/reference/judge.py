@@ -5,6 +5,7 @@ features (the FID formula on the classifier's 64-d features instead of Inception
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,17 @@ def paired_difference_interval(
     eps = math.sqrt(max(0.0, (ua - pa) ** 2 - 2 * phi * (ua - pa) * (pb - lb) + (pb - lb) ** 2))
     diff = pa - pb
     return diff, max(-1.0, diff - delta), min(1.0, diff + eps)
+
+
+def misread(preds: dict[str, np.ndarray], scenes: list[Scene], attribute: str) -> Counter[tuple[str, str]]:
+    """(prompted, read) value pairs of one attribute where the classifier read another value than the
+    prompt's: the confusions behind an adherence figure (`most_common()` lists the worst first)."""
+    values = ATTRIBUTES[attribute]
+    return Counter(
+        (getattr(s, attribute), values[p])
+        for s, p in zip(scenes, preds[attribute], strict=True)
+        if values[p] != getattr(s, attribute)
+    )
 
 
 @dataclass
