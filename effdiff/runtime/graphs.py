@@ -8,7 +8,10 @@ a memory plan chooses which graphs stay resident the same way.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import gc
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -107,6 +110,29 @@ class Usage:
     load_seconds: float = 0.0
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc; musl has none
+    except (OSError, AttributeError):
+        return None
+
+
+def give_back_freed_memory() -> bool:
+    """Return heap pages that are free but still held by the process to the OS (glibc's malloc_trim).
+    Creating an ONNX Runtime session parses the model through buffers it frees again, and glibc keeps
+    those pages: 0.17 GiB after the SD1.5 decoder's INT8 session (0.57 GiB held for 0.55 GiB of
+    weights after the trim, 0.75 before), which the run's large allocations (mmap) never reuse.
+    False where there is nothing to call (not glibc)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 class GraphSet:
     """Opens graphs on first use through their loaders; keeps the `resident` ones open afterwards and
     releases the others when the phase that used them ends."""
@@ -126,6 +152,7 @@ class GraphSet:
         if name not in self._open:
             start = time.perf_counter()
             self._open[name] = TimedGraph(self.loaders[name]())
+            give_back_freed_memory()
             self.load_seconds[name] = time.perf_counter() - start
         return self._open[name]
 
@@ -135,6 +162,7 @@ class GraphSet:
             graph.close()
             del graph
             gc.collect()
+            give_back_freed_memory()
 
     @contextlib.contextmanager
     def using(self, names: tuple[str, ...], usage: Usage) -> Iterator[dict[str, TimedGraph]]:
