@@ -102,7 +102,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train_vae(vae: torch.nn.Module, work: Path, steps: int, batch: int, device: str) -> None:
+def noisy_latents(z: torch.Tensor, noise: float) -> torch.Tensor:
+    """`z` plus Gaussian noise at `noise` times the batch's latent spread. Decoding through it makes the
+    encoder keep what the decoder must tell apart (e.g. orange from yellow on black) further apart
+    than the noise, i.e. further than the UNet's small errors; relative to the spread, so the encoder
+    cannot escape it by scaling its latents up."""
+    if noise <= 0:
+        return z
+    return z + noise * z.detach().std() * torch.randn_like(z)
+
+
+def train_vae(
+    vae: torch.nn.Module, work: Path, steps: int, batch: int, device: str, latent_noise: float = 0.0
+) -> None:
     ckpt = work / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     start = 0
@@ -117,7 +129,7 @@ def train_vae(vae: torch.nn.Module, work: Path, steps: int, batch: int, device: 
     for step in bar:
         x = torch.from_numpy(sample_batch(batch, rng)[0]).to(device)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        rec = vae.decode(noisy_latents(post.sample(), latent_noise)).sample
         loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -324,6 +336,13 @@ def main() -> None:
         "then the decoder refinement) instead of random weights; with --init-from, the UNet is then "
         "fine-tuned on the new VAE's latents",
     )
+    parser.add_argument(
+        "--vae-latent-noise",
+        type=float,
+        default=0.0,
+        help="noise added to the latents the joint VAE phase decodes, relative to their spread: 0.03 "
+        "keeps the colours the UNet must tell apart further apart in latent space (0.1 merges them)",
+    )
     parser.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the UNet phase")
     parser.add_argument(
         "--arch",
@@ -378,7 +397,7 @@ def main() -> None:
             diffusers.AutoencoderKL.from_pretrained(args.vae_from / "vae").eval().requires_grad_(False)
         )
     else:
-        train_vae(models["vae"], args.work, args.vae_steps, 32, args.device)
+        train_vae(models["vae"], args.work, args.vae_steps, 32, args.device, args.vae_latent_noise)
     latents, prompts, scaling = encode_dataset(models["vae"], args.work, args.per_scene, args.device)
     if "decoder" in phases and not args.vae_from:
         refine_vae_decoder(models["vae"], args.work, args.decoder_steps, 32, args.device)

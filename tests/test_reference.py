@@ -169,6 +169,25 @@ def test_training_loss_reaches_the_layout_steps() -> None:
     torch.testing.assert_close(torch.rand(4, generator=gens[0]), torch.rand(4, generator=gens[1]))
 
 
+def test_vae_latent_noise_is_relative_to_the_latents_spread() -> None:
+    """`--vae-latent-noise` perturbs what the decoder sees by a share of the latents' own spread, so an
+    encoder cannot shrink the noise by scaling its latents up; 0 leaves them untouched."""
+    torch = pytest.importorskip("torch")
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "train_reference.py"
+    spec = importlib.util.spec_from_file_location("train_reference", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    z = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert train.noisy_latents(z, 0.0) is z
+    for scale in (1.0, 30.0):
+        torch.manual_seed(1)
+        added = train.noisy_latents(z * scale, 0.1) - z * scale
+        assert float(added.std() / (z * scale).std()) == pytest.approx(0.1, rel=0.05)
+
+
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
