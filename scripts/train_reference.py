@@ -372,6 +372,10 @@ def main() -> None:
             raise SystemExit(f"{flag} {folder}: not a diffusers pipeline folder (no vae/config.json)")
     if args.vae_init and args.vae_from:
         raise SystemExit("--vae-init and --vae-from both choose the VAE: pass one")
+    if args.vae_latent_noise < 0:
+        raise SystemExit(f"--vae-latent-noise {args.vae_latent_noise}: a share of the latents' spread, >= 0")
+    if args.vae_latent_noise and (args.vae_from or (args.init_from and not args.vae_init)):
+        raise SystemExit("--vae-latent-noise acts in the VAE phases, which --vae-from/--init-from skip")
     torch.manual_seed(0)
     args.work.mkdir(parents=True, exist_ok=True)
     vocab_dir = args.work / "vocab"

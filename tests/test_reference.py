@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -133,17 +134,39 @@ def test_reference_architectures() -> None:
         unet_kwargs("v9", 16)
 
 
+TRAIN_SCRIPT = Path(__file__).parents[1] / "scripts" / "train_reference.py"
+
+
+def _training_script() -> types.ModuleType:
+    """scripts/train_reference.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_reference", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _training_refusal(tmp_path: Path, flags: list[str]) -> str:
+    """Run the training script with `flags`; it must stop with one line before writing anything."""
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--work", str(tmp_path / "work"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def test_training_loss_reaches_the_layout_steps() -> None:
     """Plain min-SNR gives the x0 error of the noisiest steps almost no weight, which is why the shipped
     model never learned position; `--snr-floor 1` weights it at least 1 and `--layout-share` draws
     more of those steps."""
     torch = pytest.importorskip("torch")
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "scripts" / "train_reference.py"
-    spec = importlib.util.spec_from_file_location("train_reference", path)
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = _training_script()
 
     betas = torch.linspace(
         train.REFERENCE_SCHEDULER["beta_start"], train.REFERENCE_SCHEDULER["beta_end"], 1000
@@ -173,12 +196,7 @@ def test_vae_latent_noise_is_relative_to_the_latents_spread() -> None:
     """`--vae-latent-noise` perturbs what the decoder sees by a share of the latents' own spread, so an
     encoder cannot shrink the noise by scaling its latents up; 0 leaves them untouched."""
     torch = pytest.importorskip("torch")
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "scripts" / "train_reference.py"
-    spec = importlib.util.spec_from_file_location("train_reference", path)
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = _training_script()
 
     z = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     assert train.noisy_latents(z, 0.0) is z
@@ -193,19 +211,15 @@ def test_vae_latent_noise_is_relative_to_the_latents_spread() -> None:
     [
         (["--vae-init", "no-such-folder"], "--vae-init no-such-folder: not a diffusers pipeline folder"),
         (["--vae-init", str(REFERENCE_MODEL), "--vae-from", str(REFERENCE_MODEL)], "pass one"),
+        (["--vae-latent-noise", "-0.1"], "--vae-latent-noise -0.1: a share of the latents' spread, >= 0"),
+        (
+            ["--init-from", str(REFERENCE_MODEL), "--vae-latent-noise", "0.03"],
+            "which --vae-from/--init-from skip",
+        ),
     ],
 )
 def test_training_refuses_bad_folders_in_one_line(tmp_path: Path, flags: list[str], needle: str) -> None:
-    script = Path(__file__).parents[1] / "scripts" / "train_reference.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--work", str(tmp_path / "work"), *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert proc.returncode != 0 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert needle in _training_refusal(tmp_path, flags)
     assert not (tmp_path / "work").exists()  # refused before anything was written
 
 
@@ -214,24 +228,8 @@ def test_training_refuses_a_vae_of_another_shape_in_one_line(tmp_path: Path) -> 
     diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=2).save_pretrained(
         tmp_path / "other" / "vae"
     )
-    script = Path(__file__).parents[1] / "scripts" / "train_reference.py"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--work",
-            str(tmp_path / "work"),
-            "--vae-init",
-            str(tmp_path / "other"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
-    assert f"--vae-init {tmp_path / 'other'}: its vae is not this model's VAE" in lines[0], lines[0]
+    line = _training_refusal(tmp_path, ["--vae-init", str(tmp_path / "other")])
+    assert f"--vae-init {tmp_path / 'other'}: its vae is not this model's VAE" in line, line
 
 
 def test_misread_lists_the_confusions() -> None:
