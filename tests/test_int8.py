@@ -424,6 +424,20 @@ def test_int8_errors(tiny: Path, calib: CalibrationSet, tmp_path: Path) -> None:
         run("effdiff-export", "int8", "--artifacts", str(bare), "--graphs", "unet,unet_deep"),
         "no fp32 unet_deep graph to quantize",
     )
+    # external data reached through a hard link: onnx's loader refuses it, so the CLI says so up front
+    linked = tmp_path / "linked"
+    shutil.copytree(tiny, linked)
+    data_file = linked / "unet_encoder.onnx.data"
+    data_file.write_bytes(b"weights")
+    os.link(data_file, tmp_path / "elsewhere.data")
+    data = json.loads((linked / "manifest.json").read_text())
+    files = data["graphs"]["unet_encoder"]["variants"]["fp32"]["files"]
+    files[data_file.name] = {"size": 7, "sha256": sha256_file(data_file)}
+    (linked / "manifest.json").write_text(json.dumps(data))
+    assert_one_line_error(
+        run("effdiff-export", "int8", "--artifacts", str(linked)), "unet_encoder.onnx.data has 2 hard links"
+    )
+    assert not (linked / "calibration").exists()  # refused before the calibration run
     with pytest.raises(EffdiffError, match=r"INT8 graphs must be among .* got unet_mid"):
         QuantizeOptions(graphs=("unet", "unet_mid"))
     # --precision int8 without INT8 variants; bench configurations likewise

@@ -631,6 +631,7 @@ def quantize_artifacts(
         options = replace(options, graphs=tuple(fp32))
     if any(g in CACHE_GRAPHS for g in options.graphs) and not settings.cache:
         settings = replace(settings, cache=True)  # their calibration inputs come from the `cache` run
+    _refuse_hard_linked_data(artifacts, manifest, options.graphs)
     calib_dir = Path(calib_dir).absolute() if calib_dir is not None else artifacts / "calibration"
     with folder_lock(artifacts, "an INT8 quantization"):
         for stale in artifacts.glob(".tmp-int8-*"):  # left by a quantization that was killed
@@ -645,6 +646,20 @@ def quantize_artifacts(
             results.append(_one_graph(artifacts, manifest, graph, specs[graph], calib, options, log))
         bar.close()
     return Int8Report(artifacts, options, calib, results)
+
+
+def _refuse_hard_linked_data(artifacts: Path, manifest: Manifest, graphs: tuple[str, ...]) -> None:
+    """onnx refuses to read external data through a file with several hard links (a guard against
+    hardlink attacks), deep inside the quantizer; say so up front, before the calibration run."""
+    for graph in graphs:
+        fp32 = manifest.variant(graph, Precision.FP32.value)
+        for name in fp32.files:
+            path = artifacts / name
+            if name != fp32.file and path.is_file() and path.stat().st_nlink > 1:
+                raise EffdiffError(
+                    f"{path} has {path.stat().st_nlink} hard links, and onnx refuses to load external "
+                    "data through one: copy the folder (cp -r) instead of linking its files"
+                )
 
 
 def _one_graph(
