@@ -102,6 +102,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def warn_if_resumed_differently(ckpt: Path, state: dict, **asked: float) -> None:
+    """A checkpoint records the settings it was trained with (older ones lack some); resuming with
+    others is allowed but said, since the result then follows neither recipe."""
+    for key, value in asked.items():
+        saved = state.get(key)
+        if saved is not None and saved != value:
+            print(f"warning: {ckpt} was trained with {key}={saved}; resuming with {value}")
+
+
 def noisy_latents(z: torch.Tensor, noise: float) -> torch.Tensor:
     """`z` plus Gaussian noise at `noise` times the batch's latent spread. Decoding through it makes the
     encoder keep what the decoder must tell apart (e.g. orange from yellow on black) further apart
@@ -123,8 +132,9 @@ def train_vae(
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
+        warn_if_resumed_differently(ckpt, state, latent_noise=latent_noise)
     rng = np.random.default_rng(1000 + start)
-    vae.train().to(device)
+    vae.train().requires_grad_(True).to(device)
     bar = tqdm(range(start, steps), desc="vae", initial=start, total=steps)
     for step in bar:
         x = torch.from_numpy(sample_batch(batch, rng)[0]).to(device)
@@ -137,7 +147,8 @@ def train_vae(
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 250 == 0 or step + 1 == steps:
-            save_checkpoint(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+            state = {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}
+            save_checkpoint(ckpt, {**state, "latent_noise": latent_noise})
     vae.eval().requires_grad_(False)
 
 
@@ -236,11 +247,7 @@ def train_unet(
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        saved = {"snr_floor": state.get("snr_floor"), "layout_share": state.get("layout_share")}
-        asked = {"snr_floor": snr_floor, "layout_share": layout_share}
-        for key, value in saved.items():
-            if value is not None and value != asked[key]:
-                print(f"warning: {ckpt} was trained with {key}={value}; resuming with {asked[key]}")
+        warn_if_resumed_differently(ckpt, state, snr_floor=snr_floor, layout_share=layout_share)
     ids_all = tokenizer(
         prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids

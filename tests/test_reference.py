@@ -206,6 +206,22 @@ def test_vae_latent_noise_is_relative_to_the_latents_spread() -> None:
         assert float(added.std() / (z * scale).std()) == pytest.approx(0.1, rel=0.05)
 
 
+def test_vae_checkpoint_records_its_latent_noise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A resumed VAE phase says so when its `--vae-latent-noise` differs from the checkpoint's."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    train = _training_script()
+
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=2)
+    train.train_vae(vae, tmp_path, 1, 2, "cpu", 0.03)
+    assert torch.load(tmp_path / "vae.pt", weights_only=False)["latent_noise"] == 0.03
+    capsys.readouterr()
+    train.train_vae(vae, tmp_path, 2, 2, "cpu", 0.03)
+    assert "warning" not in capsys.readouterr().out
+    train.train_vae(vae, tmp_path, 3, 2, "cpu", 0.0)
+    assert "vae.pt was trained with latent_noise=0.03; resuming with 0.0" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
