@@ -147,8 +147,15 @@ def train_vae(
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 250 == 0 or step + 1 == steps:
-            state = {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}
-            save_checkpoint(ckpt, {**state, "latent_noise": latent_noise})
+            save_checkpoint(
+                ckpt,
+                {
+                    "model": vae.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step + 1,
+                    "latent_noise": latent_noise,
+                },
+            )
     vae.eval().requires_grad_(False)
 
 
