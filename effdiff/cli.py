@@ -285,6 +285,11 @@ def export_int8_cmd(
     help="adaptive latent jumps only for prompts this close to a stored one: a quantile of the KB's own "
     "prompt distances (default 0.95, as the shortest jump's), or off",
 )
+@click.option(
+    "--kb-max-error",
+    help="adaptive jumps stop at the last value step whose leave-one-out value error (relative L2, "
+    "recorded by kb build) is within this (default 0.2), or off",
+)
 @click.option("--kb-combine", default="lstsq", show_default=True, type=click.Choice(["lstsq", "nearest"]))
 @click.option("--kb-neighbours", default=4, show_default=True, type=int)
 @click.option("--quiet", is_flag=True)
@@ -314,6 +319,7 @@ def generate_cmd(
     kb_mode: str,
     kb_jump: str,
     kb_prompt_gate: str | None,
+    kb_max_error: str | None,
     kb_combine: str,
     kb_neighbours: int,
     quiet: bool,
@@ -328,12 +334,13 @@ def generate_cmd(
     check_writable_file(out, ".png")
     knowledge = policy = None
     if kb is not None:
-        from effdiff.kb.retrieval import as_prompt_gate, jump_policy
+        from effdiff.kb.retrieval import as_max_error, as_prompt_gate, jump_policy
         from effdiff.kb.store import KnowledgeBase
 
         knowledge = KnowledgeBase.open(kb)
         # the jump options are checked before any session loads, as the other options are
-        policy = jump_policy(knowledge, kb_jump, kb_mode, as_prompt_gate(kb_prompt_gate))
+        gate, cap = as_prompt_gate(kb_prompt_gate), as_max_error(kb_max_error)
+        policy = jump_policy(knowledge, kb_jump, kb_mode, gate, cap, kb_combine)
         s = knowledge.settings
         steps = s.steps if steps is None else steps
         sampler = s.sampler if sampler is None else sampler
@@ -835,19 +842,26 @@ def kb_info_cmd(kb: Path, checksum: bool) -> None:
 @click.option("--count", default=192, show_default=True, type=int, help="held-in scenes scored")
 @click.option("--jump", default="adaptive", show_default=True, help="as generate --kb-jump")
 @click.option("--prompt-gate", help="as generate --kb-prompt-gate")
+@click.option("--max-error", help="as generate --kb-max-error")
 @user_errors
 def kb_eval_cmd(
-    kb: Path, queries: int, artifacts: Path | None, count: int, jump: str, prompt_gate: str | None
+    kb: Path,
+    queries: int,
+    artifacts: Path | None,
+    count: int,
+    jump: str,
+    prompt_gate: str | None,
+    max_error: str | None,
 ) -> None:
     """Recall@1/@10 against exact search and lookup latency; with --artifacts of the reference model,
     UNet evaluations saved against adherence and PSNR on held-in and held-out prompts."""
     from effdiff.kb.evaluate import KBConfig, eval_index, eval_quality, markdown_table
-    from effdiff.kb.retrieval import as_prompt_gate
+    from effdiff.kb.retrieval import as_max_error, as_prompt_gate
     from effdiff.kb.store import KnowledgeBase
 
     if queries < 1 or count < 1:
         raise EffdiffError("--queries and --count must be >= 1")
-    gate = as_prompt_gate(prompt_gate)
+    gate, cap = as_prompt_gate(prompt_gate), as_max_error(max_error)
     knowledge = KnowledgeBase.open(kb)
     for space in ("latent", "prompt"):
         for line in eval_index(knowledge, queries, space).lines():
@@ -863,7 +877,7 @@ def kb_eval_cmd(
             "quality needs the reference model's artifacts (effdiff-export onnx --model reference)"
         )
     pipe = Pipeline.load(artifacts)
-    configs = [KBConfig(f"kb {jump}", jump=jump, prompt_gate=gate)]
+    configs = [KBConfig(f"kb {jump}", jump=jump, prompt_gate=gate, max_error=cap)]
     rows = []
     for split, scenes in (("held-in", held_in_scenes(count)), ("held-out", held_out_scenes())):
         rows += eval_quality(pipe, knowledge, scenes, split, configs, log=lambda m: click.echo(m, err=True))

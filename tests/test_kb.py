@@ -18,7 +18,7 @@ import pytest
 
 from effdiff.bench.harness import parse_configs
 from effdiff.errors import EffdiffError
-from effdiff.kb.adaptive import JumpPolicy
+from effdiff.kb.adaptive import JumpPolicy, longest_jump
 from effdiff.kb.build import IndexOptions, build_kb, merge_kb
 from effdiff.kb.evaluate import eval_index, kb_info
 from effdiff.kb.retrieval import RetrievalStart, as_prompt_gate, jump_policy
@@ -513,6 +513,9 @@ def test_cli_bad_input_is_one_line(
     assert_one_line_error(
         run(*gen, "--artifacts", str(sd1_artifacts), "--kb-prompt-gate", "2"), "prompt gate is a quantile"
     )
+    assert_one_line_error(
+        run(*gen, "--artifacts", str(sd1_artifacts), "--kb-max-error", "0"), "largest value error is"
+    )
     broken = tmp_path / "broken"
     shutil.copytree(kb_folder, broken)
     values = broken / "values.npy"
@@ -579,6 +582,32 @@ def test_jump_policy_thresholds() -> None:
     assert JumpPolicy.from_distances(np.array([np.inf]), (10,), (0.5,)).choose(0.0) is None
     with pytest.raises(EffdiffError, match="one per value step"):
         JumpPolicy.from_distances(d, (10, 20), (0.5,))
+    capped = p.capped(10)
+    assert capped.thresholds == (4.0, -1.0) and capped.choose(0.5) == 10 and "step 10 at most" in capped.label
+    assert p.capped(None) is p and p.capped(20) is p and p.capped(5).choose(0.5) is None
+    errors = {"10": {"lstsq": 0.1, "nearest": 0.3}, "20": {"lstsq": 0.25, "nearest": 0.5}}
+    assert longest_jump(errors, (10, 20), "lstsq", 0.2) == 10
+    assert longest_jump(errors, (10, 20), "nearest", 0.2) == 9  # below every value step: never jumps
+    assert longest_jump(errors, (10, 20), "lstsq", 0.3) is None and longest_jump({}, (10, 20)) is None
+    assert longest_jump(errors, (10, 20), "lstsq", None) is None
+
+
+def test_value_error_caps_adaptive_jumps(pipe: Pipeline, kb: KnowledgeBase) -> None:
+    """The build records each value step's leave-one-out value error; adaptive jumps stop before the
+    first step whose error is past the cap, so the query that jumps furthest without it stops earlier."""
+    errors = kb.manifest.adaptive["latent"]["value_rel_error"]
+    assert set(errors) == {"4", "6"} and all(0 < e["lstsq"] < 10 for e in errors.values())
+    between = (errors["4"]["lstsq"] + errors["6"]["lstsq"]) / 2
+    assert errors["4"]["lstsq"] < between < errors["6"]["lstsq"], errors
+    unit = noise(pipe, [0])
+    uncapped = RetrievalStart(pipe, kb, policy=kb.policy(max_error=None))([PROMPTS[0]], latents=unit)
+    assert uncapped.jumps[0].start_step == 6
+    policy = jump_policy(kb, "adaptive", max_error=between)
+    assert policy.thresholds[1] == -1.0 and "step 4 at most" in policy.label
+    capped = RetrievalStart(pipe, kb, policy=policy)([PROMPTS[0]], latents=unit)
+    assert capped.jumps[0].start_step == 4 and capped.unet_steps == uncapped.unet_steps + 2
+    assert jump_policy(kb, "adaptive", max_error=errors["4"]["lstsq"] / 2).choose(0.0) is None
+    assert jump_policy(kb, "6", max_error=between).choose(1e9) == 6  # ReDi's fixed rule is not capped
 
 
 def test_quality_evaluation_reuses_the_full_run(pipe: Pipeline, kb: KnowledgeBase, tmp_path: Path) -> None:

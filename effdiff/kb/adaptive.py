@@ -13,6 +13,11 @@ A latent can be near a stored one while its prompt is not: on the reference mode
 there costs colour. So latent-mode jumps also pass a prompt gate: the prompt's text embedding must be
 no farther from the nearest stored prompt than the `prompt_gate` quantile of the KB's own
 leave-one-prompt-out prompt distances (by default the same 0.95 as the shortest jump's).
+
+Distance alone cannot tell how wrong a long jump is: the farther the value step, the more a
+neighbour's trajectory has become its own image. The build records each value step's leave-one-out
+value error (a held-back entry's own value against the blend of its neighbours'), and adaptive jumps
+stop at the last value step whose error is within `max_error` (`DEFAULT_MAX_VALUE_ERROR`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ from effdiff.errors import EffdiffError
 # q for the shortest jump .. q for the longest, spaced linearly over the value steps.
 DEFAULT_QUANTILES = (0.95, 0.6)
 DEFAULT_PROMPT_GATE = 0.95
+# The largest leave-one-out value error (relative L2) an adaptive jump may carry. On the reference
+# model v1.3 (cache:3 KB of 408 prompts, benchmarks/kb_reference.py validation on 128 held-back
+# entries), jumps to step 30 (error 0.19) kept shape at 0.992 and colour at 0.992 against the entries'
+# own 1.000 / 0.977, while step 35 (0.25) dropped shape to 0.953 and step 40 (0.31) to 0.922. v1.0's
+# errors (0.003 to 0.018) are far below the cap.
+DEFAULT_MAX_VALUE_ERROR = 0.2
 
 
 def default_quantiles(count: int, span: tuple[float, float] = DEFAULT_QUANTILES) -> tuple[float, ...]:
@@ -97,6 +108,18 @@ class JumpPolicy:
             self, prompt_limit=limit, label=f"{self.label}, prompt gate q={quantile:g}"
         )
 
+    def capped(self, max_step: int | None, reason: str = "") -> JumpPolicy:
+        """This policy without the value steps after `max_step` (None: unchanged)."""
+        if max_step is None or max_step >= max(self.value_steps):
+            return self
+        thresholds = tuple(
+            t if v <= max_step else -1.0 for v, t in zip(self.value_steps, self.thresholds, strict=True)
+        )
+        cap = f"jumps to step {max_step} at most" if max_step >= min(self.value_steps) else "never jumps"
+        return dataclasses.replace(
+            self, thresholds=thresholds, label=f"{self.label}, {cap}{f' ({reason})' if reason else ''}"
+        )
+
     def choose(self, distance: float, prompt_distance: float = 0.0) -> int | None:
         """The latest value step whose threshold admits `distance`; None: no jump (also when the
         prompt is beyond the prompt gate)."""
@@ -116,3 +139,25 @@ class JumpPolicy:
         if math.isfinite(self.prompt_limit):
             out["prompt_limit"] = self.prompt_limit
         return out
+
+
+def longest_jump(
+    value_errors: dict[str, dict[str, float]],
+    value_steps: tuple[int, ...],
+    combine: str = "lstsq",
+    max_error: float | None = DEFAULT_MAX_VALUE_ERROR,
+) -> int | None:
+    """The last value step before the first whose recorded leave-one-out value error (for `combine`)
+    exceeds `max_error`; None: no cap (`max_error` None, or no errors recorded); a step below every
+    value step when even the first is too far."""
+    if max_error is None or not value_errors:
+        return None
+    if not max_error > 0:
+        raise EffdiffError(f"the largest value error must be > 0, got {max_error:g}")
+    last = min(value_steps) - 1
+    for step in sorted(value_steps):
+        error = value_errors.get(str(step), {}).get(combine)
+        if error is None or error > max_error:
+            break
+        last = step
+    return None if last == max(value_steps) else last

@@ -16,7 +16,7 @@ import numpy as np
 
 from effdiff.artifacts import atomic_path
 from effdiff.compare import psnr
-from effdiff.kb.adaptive import DEFAULT_PROMPT_GATE
+from effdiff.kb.adaptive import DEFAULT_MAX_VALUE_ERROR, DEFAULT_PROMPT_GATE, longest_jump
 from effdiff.kb.build import LOO_NEIGHBOURS, _same_prompt_groups, entry_noise
 from effdiff.kb.store import BuildSettings, KBManifest, KnowledgeBase, check_kb_files
 from effdiff.runtime.propagation import KeySchedule
@@ -89,7 +89,17 @@ class KBInfo:
         if errors:
             err = ", ".join(f"{v}: {e['nearest']:.3f}/{e['lstsq']:.3f}" for v, e in errors.items())
             out.append(f"leave-one-out value error (relative L2, nearest/lstsq): {err}")
+            out.append(_cap_line(longest_jump(errors, m.settings.value_steps), min(m.settings.value_steps)))
         return out
+
+
+def _cap_line(cap: int | None, first: int) -> str:
+    limit = f"lstsq value error {DEFAULT_MAX_VALUE_ERROR:g}; generate --kb-max-error"
+    if cap is None:
+        return f"adaptive jumps may go to every value step (within {limit})"
+    if cap < first:
+        return f"adaptive jumps never happen: the first value step's error is past {limit}"
+    return f"adaptive jumps go to step {cap} at most (later steps are past {limit})"
 
 
 def kb_info(folder: Path, checksum: bool = False) -> KBInfo:
@@ -171,6 +181,7 @@ class KBConfig:
     mode: str = "latent"
     jump: str = "adaptive"  # as `effdiff generate --kb-jump`
     prompt_gate: float | None = DEFAULT_PROMPT_GATE  # as `--kb-prompt-gate` (None: off)
+    max_error: float | None = DEFAULT_MAX_VALUE_ERROR  # as `--kb-max-error` (None: off)
     combine: str = "lstsq"
     neighbours: int = 4
     propagation: str = "none"
@@ -334,7 +345,7 @@ def eval_quality(
                 cfg.mode,
                 cfg.combine,
                 cfg.neighbours,
-                jump_policy(kb, cfg.jump, cfg.mode, cfg.prompt_gate),
+                jump_policy(kb, cfg.jump, cfg.mode, cfg.prompt_gate, cfg.max_error, cfg.combine),
             )
             kb_images, steps_run, jumps, enc = [], 0, {}, 0
             for n_chunk, start in enumerate(range(0, len(scenes), chunk)):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from effdiff.errors import EffdiffError
-from effdiff.kb.adaptive import DEFAULT_PROMPT_GATE, JumpPolicy
+from effdiff.kb.adaptive import DEFAULT_MAX_VALUE_ERROR, DEFAULT_PROMPT_GATE, JumpPolicy
 from effdiff.kb.build import prompt_keys
 from effdiff.kb.store import KnowledgeBase
 from effdiff.runtime.graphs import Usage
@@ -95,8 +96,9 @@ class RetrievalStart:
     """`RetrievalStart(pipe, kb)(prompts, seed=...)`: a pipeline call that starts from the KB.
 
     `policy`: how far each image may jump (default: the KB's adaptive thresholds for the mode);
-    `JumpPolicy.fixed(v)` always jumps to v, as ReDi does. `combine`: ReDi's least-squares blend of
-    the `neighbours` nearest entries, or the nearest entry's value alone.
+    `JumpPolicy.fixed(v)` always jumps to v, as ReDi does; the default stops at the last value step
+    whose leave-one-out value error for `combine` is within `DEFAULT_MAX_VALUE_ERROR`. `combine`:
+    ReDi's least-squares blend of the `neighbours` nearest entries, or the nearest entry's value alone.
     """
 
     def __init__(
@@ -122,7 +124,7 @@ class RetrievalStart:
             )
         self.pipe, self.kb, self.mode, self.combine = pipe, kb, mode, combine
         self.neighbours = neighbours
-        self.policy = policy or kb.policy(mode)
+        self.policy = policy or kb.policy(mode, combine=combine)
 
     def __call__(
         self,
@@ -262,31 +264,51 @@ def as_float_list(text: str) -> tuple[float, ...]:
         raise EffdiffError(f"expected numbers separated by commas, got {text!r}") from None
 
 
-def as_prompt_gate(text: str | None) -> float | None:
-    """`off` or a quantile within [0, 1] (CLI text for the prompt gate); None: the default."""
+def _number_or_off(
+    text: str | None, default: float | None, low: float, high: float, rule: str
+) -> float | None:
+    """CLI text: `off` (None), a number within [low, high], or None for `default`; else `rule` in an error."""
     if text is None:
-        return DEFAULT_PROMPT_GATE
+        return default
     if text.strip().lower() == "off":
         return None
     try:
-        q = float(text)
+        value = float(text)
     except ValueError:
-        raise EffdiffError(f"the prompt gate is a quantile within [0, 1] or 'off', got {text!r}") from None
-    if not 0.0 <= q <= 1.0:
-        raise EffdiffError(f"the prompt gate is a quantile within [0, 1] or 'off', got {text!r}")
-    return q
+        value = math.nan
+    if not low <= value <= high:
+        raise EffdiffError(f"{rule} or 'off', got {text!r}")
+    return value
+
+
+def as_prompt_gate(text: str | None) -> float | None:
+    """`off` or a quantile within [0, 1] (CLI text for the prompt gate); None: the default."""
+    return _number_or_off(text, DEFAULT_PROMPT_GATE, 0.0, 1.0, "the prompt gate is a quantile within [0, 1]")
+
+
+def as_max_error(text: str | None) -> float | None:
+    """`off` or a relative value error within (0, 10] (CLI text for the jump cap); None: the default."""
+    rule = "the largest value error is a relative L2 error within (0, 10]"
+    return _number_or_off(text, DEFAULT_MAX_VALUE_ERROR, 1e-9, 10.0, rule)
 
 
 def jump_policy(
-    kb: KnowledgeBase, jump: str, mode: str = "latent", prompt_gate: float | None = DEFAULT_PROMPT_GATE
+    kb: KnowledgeBase,
+    jump: str,
+    mode: str = "latent",
+    prompt_gate: float | None = DEFAULT_PROMPT_GATE,
+    max_error: float | None = DEFAULT_MAX_VALUE_ERROR,
+    combine: str = "lstsq",
 ) -> JumpPolicy:
     """`adaptive` (the KB's thresholds), `adaptive:Q1,Q2,...` (other quantiles per value step),
-    a value step number (always jump there, as ReDi does: no prompt gate), or `none` (never jump).
-    Adaptive latent jumps pass the prompt gate at quantile `prompt_gate` (None: no gate)."""
+    a value step number (always jump there, as ReDi does: no prompt gate, no cap), or `none` (never
+    jump). Adaptive latent jumps pass the prompt gate at quantile `prompt_gate` (None: no gate) and
+    stop at the last value step whose leave-one-out value error for `combine` is within `max_error`
+    (None: no cap)."""
     if jump == "adaptive":
-        return kb.policy(mode, prompt_gate=prompt_gate)
+        return kb.policy(mode, None, prompt_gate, max_error, combine)
     if jump.startswith("adaptive:"):
-        return kb.policy(mode, as_float_list(jump.split(":", 1)[1]), prompt_gate)
+        return kb.policy(mode, as_float_list(jump.split(":", 1)[1]), prompt_gate, max_error, combine)
     if jump == "none":
         return JumpPolicy(kb.value_steps, tuple(-1.0 for _ in kb.value_steps), "none")
     try:

@@ -31,7 +31,7 @@ import numpy as np
 from effdiff import __version__
 from effdiff.artifacts import FileRecord, Manifest, read_json, sha256_file, write_json
 from effdiff.errors import EffdiffError
-from effdiff.kb.adaptive import DEFAULT_PROMPT_GATE, JumpPolicy
+from effdiff.kb.adaptive import DEFAULT_MAX_VALUE_ERROR, DEFAULT_PROMPT_GATE, JumpPolicy, longest_jump
 from effdiff.kb.index import IndexInfo, read_index_mmap, search_threads, set_nprobe
 
 if TYPE_CHECKING:
@@ -376,13 +376,22 @@ class KnowledgeBase:
         space: str = "latent",
         quantiles: tuple[float, ...] | None = None,
         prompt_gate: float | None = DEFAULT_PROMPT_GATE,
+        max_error: float | None = DEFAULT_MAX_VALUE_ERROR,
+        combine: str = "lstsq",
     ) -> JumpPolicy:
         """The jump thresholds recorded at build time, or ones derived now from other quantiles; in
-        latent space with the prompt gate at quantile `prompt_gate` (None: no gate)."""
+        latent space with the prompt gate at quantile `prompt_gate` (None: no gate) and no jump past
+        the last value step whose leave-one-out value error for `combine` is within `max_error`
+        (None: no cap)."""
         prompt = _prompt_space(space)
         q = tuple(self.manifest.adaptive[space]["quantiles"]) if quantiles is None else tuple(quantiles)
         policy = JumpPolicy.from_distances(self.loo[:, 1 if prompt else 0], self.value_steps, q)
-        return policy if prompt else policy.gated(self.loo[:, 1], prompt_gate)
+        if prompt:
+            return policy
+        errors = self.manifest.adaptive.get("latent", {}).get("value_rel_error", {})
+        cap = longest_jump(errors, self.value_steps, combine, max_error)
+        reason = f"value error cap {max_error:g}, {combine}" if cap is not None else ""
+        return policy.gated(self.loo[:, 1], prompt_gate).capped(cap, reason)
 
     def search(
         self,
