@@ -471,6 +471,12 @@ def verify_cmd(artifacts: Path, quick: bool) -> None:
 @click.option("--height", type=int)
 @click.option("--width", type=int)
 @click.option("--batch", default=1, show_default=True, type=int, help="images per prompt")
+@click.option(
+    "--one-at-a-time",
+    is_flag=True,
+    help="each prompt in a call of its own, one after another (an app serving one request at a time); "
+    "default: every prompt in one batch",
+)
 @click.option("--repeat", default=3, show_default=True, type=int)
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--peers", default="", help="diffusers,deepcache (same model, steps, sampler and latents)")
@@ -497,6 +503,7 @@ def bench_cmd(
     height: int | None,
     width: int | None,
     batch: int,
+    one_at_a_time: bool,
     repeat: int,
     warmup: int,
     peers: str,
@@ -533,6 +540,7 @@ def bench_cmd(
         batch=batch,
         repeat=repeat,
         warmup=warmup,
+        one_at_a_time=one_at_a_time,
     )
     report = run_bench(
         artifacts,

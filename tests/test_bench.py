@@ -57,6 +57,27 @@ def test_bench_configs_and_peers_side_by_side(sd1_artifacts: Path, tmp_path: Pat
     assert Image.open(tmp_path / "rep" / "grid_full.png").size == (128, 64)
 
 
+def test_bench_one_call_per_prompt(sd1_artifacts: Path, tmp_path: Path) -> None:
+    """`--one-at-a-time`: each prompt in its own call, for our rows and the peer alike; the same
+    latents, so the same images as one batched call."""
+    pytest.importorskip("diffusers")
+    prompts = ["a red circle", "a blue square"]
+    batched = BenchSettings(prompts=prompts, steps=4, repeat=1, warmup=0)
+    single = BenchSettings(prompts=prompts, steps=4, repeat=1, warmup=0, one_at_a_time=True)
+    configs = parse_configs(["cache:2"], "ddim", 4)
+    a = run_bench(sd1_artifacts, configs, batched, peers=("diffusers",), progress=False)
+    b = run_bench(sd1_artifacts, configs, single, peers=("diffusers",), progress=False)
+    for name in ("full", "cache:2", "diffusers"):
+        one, many = b.images[name], a.images[name]
+        assert len(one) == len(many) == 2
+        for x, y in zip(one, many, strict=True):
+            assert psnr(np.asarray(x, np.float64), np.asarray(y, np.float64)) >= 40.0, name
+    assert b.rows[2].quality["psnr_db"] >= 40.0  # diffusers one at a time still matches full
+    assert b.settings["one_at_a_time"] and not a.settings["one_at_a_time"]
+    write_report(b, tmp_path / "rep")
+    assert "(one call per prompt)" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_bench_cli_and_bad_configs(sd1_artifacts: Path, tmp_path: Path) -> None:
     proc = run(
         "effdiff",

@@ -189,6 +189,10 @@ class BenchSettings:
     warmup: int = 1
     seed: int = 0
     max_decoder_batch: int | None = None  # None: the pipeline's choice for the device
+    # Each prompt's images in a call of their own, one after another (an app serving one request at
+    # a time), instead of every prompt in one batch. Small models gain most from a compiled runtime
+    # here: PyTorch's per-operator cost is paid per call, not per image.
+    one_at_a_time: bool = False
 
     @property
     def images(self) -> int:
@@ -218,6 +222,15 @@ class BenchReport:
             "rows": [asdict(r) for r in self.rows],
             "contention": self.contention,
         }
+
+
+def _calls(settings: BenchSettings, latents: np.ndarray) -> list[tuple[list[str], np.ndarray]]:
+    """What one timed run generates, call by call: every prompt in one batch, or each prompt's images
+    in a call of their own (`one_at_a_time`)."""
+    if not settings.one_at_a_time:
+        return [(settings.prompts, latents)]
+    b = settings.batch
+    return [([p], latents[i * b : (i + 1) * b]) for i, p in enumerate(settings.prompts)]
 
 
 def _latents(pipe: Pipeline, settings: BenchSettings, height: int, width: int) -> np.ndarray:
@@ -308,21 +321,28 @@ class EffdiffRunner(Runner):
 
     def run(self) -> Run:
         s, g = self.settings, self.pipe.geometry
-        res = self.gpu.measure(
-            lambda: self.generate(
-                s.prompts,
-                steps=s.steps,
-                sampler=s.sampler,
-                guidance_scale=s.guidance,
-                latents=self.latents,
-                height=self.latents.shape[2] * g.vae_factor,
-                width=self.latents.shape[3] * g.vae_factor,
-                num_images=s.batch,
-                propagation=self.config.propagation,
-                max_decoder_batch=s.max_decoder_batch,
-            )
-        )
-        return Run(res.timings["total"], res.images, res.timings, self.gpu.peak_mib)
+
+        def generate() -> list[Any]:
+            return [
+                self.generate(
+                    prompts,
+                    steps=s.steps,
+                    sampler=s.sampler,
+                    guidance_scale=s.guidance,
+                    latents=latents,
+                    height=latents.shape[2] * g.vae_factor,
+                    width=latents.shape[3] * g.vae_factor,
+                    num_images=s.batch,
+                    propagation=self.config.propagation,
+                    max_decoder_batch=s.max_decoder_batch,
+                )
+                for prompts, latents in _calls(s, self.latents)
+            ]
+
+        results = self.gpu.measure(generate)
+        timings = {k: sum(r.timings.get(k, 0.0) for r in results) for k in results[0].timings}
+        images = [im for r in results for im in r.images]
+        return Run(timings["total"], images, timings, self.gpu.peak_mib)
 
 
 class PeerRunner(Runner):
@@ -379,17 +399,19 @@ class PeerRunner(Runner):
             start = time.perf_counter()
             with torch.inference_mode():
                 images = self.gpu.measure(
-                    lambda: (
-                        self.pipe(
-                            s.prompts,
+                    lambda: [
+                        image
+                        for prompts, latents in _calls(s, lat)
+                        for image in self.pipe(
+                            prompts,
                             num_inference_steps=s.steps,
                             guidance_scale=s.guidance,
-                            latents=torch.from_numpy(lat),
-                            height=f * lat.shape[2],
-                            width=f * lat.shape[3],
+                            latents=torch.from_numpy(latents),
+                            height=f * latents.shape[2],
+                            width=f * latents.shape[3],
                             num_images_per_prompt=s.batch,
                         ).images
-                    )
+                    ]
                 )
             return Run(time.perf_counter() - start, images, None, self.gpu.peak_mib)
         finally:
