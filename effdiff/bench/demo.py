@@ -1,7 +1,8 @@
 """`effdiff demo`: export the reference model, generate with each configuration, write a report folder.
 
 Offline, a few minutes on 2 CPU cores: the bench harness measures the configurations (and the peers
-when diffusers is installed) on a handful of prompts, seen and unseen in training.
+when diffusers is installed) on a handful of prompts, seen and unseen in training, each prompt in a
+call of its own, as an app on a device generates one image per request.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ def run_demo(
     export = export_onnx("reference", artifacts, log=lambda _m: None)
     log(export.table())
     settings = BenchSettings(
-        prompts=[s.prompt for s in DEMO_SCENES], steps=steps, guidance=guidance, repeat=repeat, warmup=1
+        prompts=[s.prompt for s in DEMO_SCENES],
+        steps=steps,
+        guidance=guidance,
+        repeat=repeat,
+        warmup=1,
+        one_at_a_time=True,
     )
     configs = parse_configs(["full", "fd", "cache:3"], settings.sampler, steps)
     report = run_bench(artifacts, configs, settings, peers=peers, scenes=list(DEMO_SCENES))

@@ -253,6 +253,17 @@ class Run:
     timings: dict[str, float] | None = None  # per graph (effdiff rows)
     gpu_mib: float | None = None
 
+    @classmethod
+    def join(cls, parts: list[Run]) -> Run:
+        """One timed run from its calls (one per prompt with `one_at_a_time`)."""
+        timings = None
+        if all(p.timings is not None for p in parts):
+            keys = {k for p in parts for k in p.timings or {}}
+            timings = {k: sum((p.timings or {}).get(k, 0.0) for p in parts) for k in keys}
+        gpu = [p.gpu_mib for p in parts if p.gpu_mib is not None]
+        images = [im for p in parts for im in p.images]
+        return cls(sum(p.seconds for p in parts), images, timings, max(gpu) if gpu else None)
+
 
 class Runner:
     """One row: loaded once, then run as often as the interleaved schedule asks."""
@@ -264,7 +275,8 @@ class Runner:
     rss_added_gib: float = 0.0
     disk_mib: float | None = None
 
-    def run(self) -> Run:
+    def run(self, prompts: list[str], latents: np.ndarray) -> Run:
+        """One call: these prompts (each `batch` times) from these unit-noise latents."""
         raise NotImplementedError
 
 
@@ -284,15 +296,8 @@ class EffdiffRunner(Runner):
         pipe: Pipeline,
         graph_costs: dict[str, tuple[float, int]],
         settings: BenchSettings,
-        latents: np.ndarray,
     ) -> None:
-        self.name, self.config, self.pipe, self.settings, self.latents = (
-            config.name,
-            config,
-            pipe,
-            settings,
-            latents,
-        )
+        self.name, self.config, self.pipe, self.settings = config.name, config, pipe, settings
         self.detail = str(config.propagation) + (f", {config.precision.value}" if config.precision else "")
         self.generate: Any = pipe
         if config.kb is not None:
@@ -319,30 +324,23 @@ class EffdiffRunner(Runner):
         self.disk_mib = _disk_mib(pipe, self.graphs)
         self.gpu = GpuMemory()
 
-    def run(self) -> Run:
+    def run(self, prompts: list[str], latents: np.ndarray) -> Run:
         s, g = self.settings, self.pipe.geometry
-
-        def generate() -> list[Any]:
-            return [
-                self.generate(
-                    prompts,
-                    steps=s.steps,
-                    sampler=s.sampler,
-                    guidance_scale=s.guidance,
-                    latents=latents,
-                    height=latents.shape[2] * g.vae_factor,
-                    width=latents.shape[3] * g.vae_factor,
-                    num_images=s.batch,
-                    propagation=self.config.propagation,
-                    max_decoder_batch=s.max_decoder_batch,
-                )
-                for prompts, latents in _calls(s, self.latents)
-            ]
-
-        results = self.gpu.measure(generate)
-        timings = {k: sum(r.timings.get(k, 0.0) for r in results) for k in results[0].timings}
-        images = [im for r in results for im in r.images]
-        return Run(timings["total"], images, timings, self.gpu.peak_mib)
+        res = self.gpu.measure(
+            lambda: self.generate(
+                prompts,
+                steps=s.steps,
+                sampler=s.sampler,
+                guidance_scale=s.guidance,
+                latents=latents,
+                height=latents.shape[2] * g.vae_factor,
+                width=latents.shape[3] * g.vae_factor,
+                num_images=s.batch,
+                propagation=self.config.propagation,
+                max_decoder_batch=s.max_decoder_batch,
+            )
+        )
+        return Run(res.timings["total"], res.images, res.timings, self.gpu.peak_mib)
 
 
 class PeerRunner(Runner):
@@ -351,9 +349,7 @@ class PeerRunner(Runner):
 
     kind = "peer"
 
-    def __init__(
-        self, peer: str, shared: dict[str, Any], source: Path, settings: BenchSettings, latents: np.ndarray
-    ) -> None:
+    def __init__(self, peer: str, shared: dict[str, Any], source: Path, settings: BenchSettings) -> None:
         import torch
         from diffusers import (
             DDIMScheduler,
@@ -362,7 +358,7 @@ class PeerRunner(Runner):
             StableDiffusionPipeline,
         )
 
-        self.name, self.settings, self.latents, self.torch = peer, settings, latents, torch
+        self.name, self.settings, self.torch = peer, settings, torch
         if "pipe" not in shared:
             before, start = _rss(), time.perf_counter()
             pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, local_files_only=True)
@@ -390,8 +386,8 @@ class PeerRunner(Runner):
         )
         self.gpu = GpuMemory()
 
-    def run(self) -> Run:
-        torch, s, lat = self.torch, self.settings, self.latents
+    def run(self, prompts: list[str], latents: np.ndarray) -> Run:
+        torch, s = self.torch, self.settings
         f = self.pipe.vae_scale_factor
         if self.helper is not None:
             self.helper.enable()
@@ -399,10 +395,8 @@ class PeerRunner(Runner):
             start = time.perf_counter()
             with torch.inference_mode():
                 images = self.gpu.measure(
-                    lambda: [
-                        image
-                        for prompts, latents in _calls(s, lat)
-                        for image in self.pipe(
+                    lambda: (
+                        self.pipe(
                             prompts,
                             num_inference_steps=s.steps,
                             guidance_scale=s.guidance,
@@ -411,7 +405,7 @@ class PeerRunner(Runner):
                             width=f * latents.shape[3],
                             num_images_per_prompt=s.batch,
                         ).images
-                    ]
+                    )
                 )
             return Run(time.perf_counter() - start, images, None, self.gpu.peak_mib)
         finally:
@@ -500,28 +494,27 @@ def run_bench(
         latents = entry_noise(first, [seeds[i % len(seeds)] for i in range(settings.images)], h, w)
     else:
         latents = _latents(first, settings, h, w)
-    runs_total = (settings.warmup + settings.repeat) * (len(configs) + len(peers))
-    bar = tqdm(total=runs_total, desc="bench", unit="run", disable=not progress)
+    calls = _calls(settings, latents)
+    runs_total = (settings.warmup + settings.repeat) * (len(configs) + len(peers)) * len(calls)
+    bar = tqdm(total=runs_total, desc="bench", unit="call", disable=not progress)
     graph_costs: dict[Any, tuple[float, int]] = {}
-    runners: list[Runner] = [
-        EffdiffRunner(c, pipes[_pipe_key(c)], graph_costs, settings, latents) for c in configs
-    ]
+    runners: list[Runner] = [EffdiffRunner(c, pipes[_pipe_key(c)], graph_costs, settings) for c in configs]
     shared_peer: dict[str, Any] = {}
     for peer in peers:
         try:
-            runners.append(PeerRunner(peer, shared_peer, Path(manifest.source.path), settings, latents))
+            runners.append(PeerRunner(peer, shared_peer, Path(manifest.source.path), settings))
         except ImportError:
-            bar.update(settings.warmup + settings.repeat)  # diffusers / DeepCache not installed
+            bar.update((settings.warmup + settings.repeat) * len(calls))  # diffusers / DeepCache absent
         except Exception as exc:  # a peer's own failure must not cost the user the rest of the report
             warnings.warn(f"peer {peer} failed and is left out: {type(exc).__name__}: {exc}", stacklevel=2)
-            bar.update(settings.warmup + settings.repeat)
+            bar.update((settings.warmup + settings.repeat) * len(calls))
     failed: set[str] = set()
 
-    def attempt(runner: Runner) -> Run | None:
+    def attempt(runner: Runner, call: int) -> Run | None:
         if runner.name in failed:
             return None
         try:
-            return runner.run()
+            return runner.run(*calls[call])
         except EffdiffError:
             raise
         except Exception as exc:
@@ -536,21 +529,26 @@ def run_bench(
     for runner in runners:
         bar.set_postfix_str(f"warm-up {runner.name}")
         for _ in range(settings.warmup):
-            attempt(runner)
-            bar.update()
+            for call in range(len(calls)):
+                attempt(runner, call)
+                bar.update()
     timed: dict[str, list[Run]] = {r.name: [] for r in runners}
     peaks: dict[str, float] = dict.fromkeys(timed, 0.0)
     contention: list[float] = []
     for _ in range(settings.repeat):
+        parts: dict[str, list[Run | None]] = {r.name: [] for r in runners}
         with OtherProcessesCpu() as others:
-            for runner in runners:
-                bar.set_postfix_str(runner.name)
-                with PeakRSS() as mem:
-                    got = attempt(runner)
-                if got is not None:
-                    timed[runner.name].append(got)
+            # call by call (A1 B1 C1 A2 B2 C2 ...): a slow spell of the machine lands on every row
+            for call in range(len(calls)):
+                for runner in runners:
+                    bar.set_postfix_str(runner.name)
+                    with PeakRSS() as mem:
+                        parts[runner.name].append(attempt(runner, call))
                     peaks[runner.name] = max(peaks[runner.name], mem.peak_gib)
-                bar.update()
+                    bar.update()
+        for name, got in parts.items():
+            if got and all(g is not None for g in got):
+                timed[name].append(Run.join([g for g in got if g is not None]))
         contention.append(others.share)
     bar.close()
     rows = [_row(r, timed[r.name], peaks[r.name], settings.steps) for r in runners if timed[r.name]]

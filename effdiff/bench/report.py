@@ -118,7 +118,7 @@ def markdown(report: BenchReport) -> str:
         f"{len(s['prompts'])} prompt(s) x batch {s['batch']}"
         + (" (one call per prompt)" if s.get("one_at_a_time") else " (all in one call)")
         + ", "
-        f"{s['repeat']} timed runs each after {s['warmup']} warm-up, rows interleaved run by run",
+        f"{s['repeat']} timed runs each after {s['warmup']} warm-up, rows interleaved call by call",
         f"- CPU taken by other processes during each timed repeat: {_contention(report.contention)}",
         f"- {target_line(report)}",
         "",
