@@ -9,13 +9,14 @@ held-out, the domain Frechet distance to real renders, and a sample grid (prompt
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from effdiff.export.onnx import export_onnx
-from effdiff.reference.dataset import render
+from effdiff.reference.dataset import ATTRIBUTES, render
 from effdiff.reference.judge import Adherence, AttributeClassifier, frechet_distance, misread
 from effdiff.reference.scenes import DEMO_SCENES, REFERENCE_GUIDANCE, held_in_scenes, held_out_scenes
 from effdiff.runtime.images import image_grid
@@ -90,16 +91,29 @@ def main() -> None:
             real = [render(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
             fd = frechet_distance(feats.astype(np.float64), clf.run(real)[1].astype(np.float64))
             per = adh.per_attribute
-            misses[f"guidance {guidance:g}, {name}"] = misread(preds, scenes, "colour")
+            misses[f"guidance {guidance:g}, {name}"] = (misread(preds, scenes, "colour"), preds, scenes)
             print(
                 f"| {guidance:g} | {name} | {adh.count} | {per['kind']:.3f} | {per['colour']:.3f} | "
                 f"{per['size']:.3f} | {per['position']:.3f} | {per['background']:.3f} | {adh.mean:.3f} | "
                 f"{fd:.2f} |",
                 flush=True,
             )
-    for where, counts in misses.items():
-        listed = ", ".join(f"{a} drawn as {b}: {n}" for (a, b), n in counts.most_common()) or "none"
-        print(f"colour misses ({where}): {listed}")
+    for where, (counts, preds, scenes) in misses.items():
+        # the backgrounds they happened on: a colour pair the VAE merges on one background shows here
+        colours = ATTRIBUTES["colour"]
+        on = {
+            pair: Counter(
+                s.background
+                for s, c in zip(scenes, preds["colour"], strict=True)
+                if (s.colour, colours[c]) == pair
+            )
+            for pair in counts
+        }
+        listed = ", ".join(
+            f"{a} drawn as {b}: {n} (on {', '.join(f'{bg} {k}' for bg, k in on[(a, b)].most_common())})"
+            for (a, b), n in counts.most_common()
+        )
+        print(f"colour misses ({where}): {listed or 'none'}")
     # sample grid: rows = prompts (4 held-in, 2 held-out), columns = seeds
     rows = []
     for scene in DEMO_SCENES:

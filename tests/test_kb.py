@@ -486,9 +486,17 @@ def test_cli_generate_info_and_eval(sd1_artifacts: Path, kb_folder: Path, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr
     assert "kb (latent): jumps 2->6; UNet steps 4 of 8 (saved 50 %)" in proc.stdout and out.exists()
+    errors = json.loads((kb_folder / KB_MANIFEST).read_text())["adaptive"]["latent"]["value_rel_error"]
+    cap = (errors["4"]["lstsq"] + errors["6"]["lstsq"]) / 2
+    capped = run(
+        "effdiff", "generate", "--artifacts", str(sd1_artifacts), "--prompt", PROMPTS[0], "--out", str(out),
+        "--kb", str(kb_folder), "--kb-max-error", f"{cap:.6g}", "--quiet",
+    )  # fmt: skip
+    assert capped.returncode == 0 and "kb (latent): jumps 2->4;" in capped.stdout, capped.stderr
     info = run("effdiff", "kb", "info", str(kb_folder))
     assert info.returncode == 0 and "entries: 24" in info.stdout and "bytes per entry in RAM" in info.stdout
     assert "prompt gate (latent jumps): prompt distance <=" in info.stdout
+    assert "adaptive jumps may go to every value step (within lstsq value error 0.2" in info.stdout
     ev = run("effdiff", "kb", "eval", str(kb_folder), "--queries", "24")
     assert ev.returncode == 0, ev.stderr
     assert "recall@1 1.000" in ev.stdout and "lookup latency per query" in ev.stdout
