@@ -287,8 +287,9 @@ def export_int8_cmd(
 )
 @click.option(
     "--kb-max-error",
-    help="adaptive jumps stop at the last value step whose leave-one-out value error (relative L2, "
-    "recorded by kb build) is within this (default 0.2), or off",
+    help="adaptive latent jumps stop at the last value step whose leave-one-out value error (relative L2, "
+    "recorded by kb build) is within this (default 0.2), or off; prompt mode and a fixed --kb-jump "
+    "STEP are not capped",
 )
 @click.option("--kb-combine", default="lstsq", show_default=True, type=click.Choice(["lstsq", "nearest"]))
 @click.option("--kb-neighbours", default=4, show_default=True, type=int)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from effdiff.bench.device import describe, device_profile
-from effdiff.bench.harness import BenchSettings, parse_configs, run_bench
+from effdiff.bench.harness import BenchSettings, _calls, parse_configs, run_bench
 from effdiff.bench.quality import ssim
 from effdiff.bench.report import write_report
 from effdiff.compare import psnr
@@ -55,6 +55,16 @@ def test_bench_configs_and_peers_side_by_side(sd1_artifacts: Path, tmp_path: Pat
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "target:" in md and "speed-up vs diffusers" in md
     assert Image.open(tmp_path / "rep" / "grid_full.png").size == (128, 64)
+
+
+def test_calls_split_prompts_with_their_images() -> None:
+    latents = np.arange(6, dtype=np.float32).reshape(6, 1, 1, 1)  # 3 prompts x 2 images
+    one = BenchSettings(prompts=["a", "b", "c"], batch=2, one_at_a_time=True)
+    calls = _calls(one, latents)
+    assert [p for p, _ in calls] == [["a"], ["b"], ["c"]]
+    assert [lat.ravel().tolist() for _, lat in calls] == [[0, 1], [2, 3], [4, 5]]
+    (prompts, lat), *rest = _calls(BenchSettings(prompts=["a", "b", "c"], batch=2), latents)
+    assert prompts == ["a", "b", "c"] and lat.shape[0] == 6 and not rest
 
 
 def test_bench_one_call_per_prompt(sd1_artifacts: Path, tmp_path: Path) -> None:

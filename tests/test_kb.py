@@ -496,7 +496,7 @@ def test_cli_generate_info_and_eval(sd1_artifacts: Path, kb_folder: Path, tmp_pa
     info = run("effdiff", "kb", "info", str(kb_folder))
     assert info.returncode == 0 and "entries: 24" in info.stdout and "bytes per entry in RAM" in info.stdout
     assert "prompt gate (latent jumps): prompt distance <=" in info.stdout
-    assert "adaptive jumps may go to every value step (within lstsq value error 0.2" in info.stdout
+    assert "--kb-combine lstsq may go to every value step (within lstsq value error 0.2" in info.stdout
     ev = run("effdiff", "kb", "eval", str(kb_folder), "--queries", "24")
     assert ev.returncode == 0, ev.stderr
     assert "recall@1 1.000" in ev.stdout and "lookup latency per query" in ev.stdout
@@ -616,6 +616,31 @@ def test_value_error_caps_adaptive_jumps(pipe: Pipeline, kb: KnowledgeBase) -> N
     assert capped.jumps[0].start_step == 4 and capped.unet_steps == uncapped.unet_steps + 2
     assert jump_policy(kb, "adaptive", max_error=errors["4"]["lstsq"] / 2).choose(0.0) is None
     assert jump_policy(kb, "6", max_error=between).choose(1e9) == 6  # ReDi's fixed rule is not capped
+
+
+def test_default_cap_reaches_the_runtime_and_spares_prompt_mode(
+    pipe: Pipeline, kb_folder: Path, tmp_path: Path
+) -> None:
+    """With recorded errors past 0.2 at the last step, the runner's default policy (what generate and
+    the bench's kb rows use) stops a step earlier, per blend; prompt mode keeps every step."""
+    folder = tmp_path / "kb"
+    shutil.copytree(kb_folder, folder)
+    manifest = json.loads((folder / KB_MANIFEST).read_text())
+    manifest["adaptive"]["latent"]["value_rel_error"] = {
+        "4": {"lstsq": 0.1, "nearest": 0.3},
+        "6": {"lstsq": 0.5, "nearest": 0.6},
+    }
+    (folder / KB_MANIFEST).write_text(json.dumps(manifest))
+    kb = KnowledgeBase.open(folder)
+    unit = noise(pipe, [0])
+    lstsq = RetrievalStart(pipe, kb)
+    assert lstsq.policy.thresholds[1] == -1.0 and lstsq.policy.thresholds[0] > 0
+    assert lstsq([PROMPTS[0]], latents=unit).jumps[0].start_step == 4
+    nearest = RetrievalStart(pipe, kb, combine="nearest")  # 0.3 at the first step: no jump at all
+    assert nearest([PROMPTS[0]], latents=unit).jumps[0].start_step is None
+    assert all(t > 0 for t in kb.policy("prompt").thresholds)
+    with pytest.raises(EffdiffError, match="must be > 0"):
+        kb.policy(max_error=-1.0)
 
 
 def test_quality_evaluation_reuses_the_full_run(pipe: Pipeline, kb: KnowledgeBase, tmp_path: Path) -> None:

@@ -171,7 +171,7 @@ class Row:
     gpu_peak_mib: float | None = None
     disk_mib: float | None = None
     quality: dict[str, float] = field(default_factory=dict)
-    # end-to-end speed-up over the baseline row, one ratio per repeat (runs interleaved A B C A B C)
+    # end-to-end speed-up over the baseline row, one ratio per repeat (rows interleaved call by call)
     speedup: Stats | None = None
     speedups: list[float] = field(default_factory=list)
 
@@ -450,9 +450,9 @@ def run_bench(
     scenes: list[Any] | None = None,
     progress: bool = True,
 ) -> BenchReport:
-    """Load every configuration and peer once, warm each up, then time them interleaved, repeat by
-    repeat (A B C, A B C, ...), so drift in the machine's speed touches every row alike; speed-ups are
-    ratios within each repeat."""
+    """Load every configuration and peer once, warm each up, then time them interleaved call by call
+    (A B C, A B C, ...; prompt by prompt with `one_at_a_time`), so drift in the machine's speed touches
+    every row alike; speed-ups are ratios within each repeat."""
     from effdiff.bench.device import device_profile
 
     artifacts = Path(artifacts)

@@ -148,12 +148,13 @@ def longest_jump(
     max_error: float | None = DEFAULT_MAX_VALUE_ERROR,
 ) -> int | None:
     """The last value step before the first whose recorded leave-one-out value error (for `combine`)
-    exceeds `max_error`; None: no cap (`max_error` None, or no errors recorded); a step below every
-    value step when even the first is too far."""
+    exceeds `max_error`, or has none recorded (a step no error vouches for is not jumped to); None: no
+    cap (`max_error` None, or no errors recorded at all); a step below every value step when even the
+    first is too far."""
+    if max_error is not None and not max_error > 0:
+        raise EffdiffError(f"the largest value error must be > 0, got {max_error:g}")
     if max_error is None or not value_errors:
         return None
-    if not max_error > 0:
-        raise EffdiffError(f"the largest value error must be > 0, got {max_error:g}")
     last = min(value_steps) - 1
     for step in sorted(value_steps):
         error = value_errors.get(str(step), {}).get(combine)

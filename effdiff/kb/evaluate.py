@@ -89,17 +89,20 @@ class KBInfo:
         if errors:
             err = ", ".join(f"{v}: {e['nearest']:.3f}/{e['lstsq']:.3f}" for v, e in errors.items())
             out.append(f"leave-one-out value error (relative L2, nearest/lstsq): {err}")
-            out.append(_cap_line(longest_jump(errors, m.settings.value_steps), min(m.settings.value_steps)))
+            steps = m.settings.value_steps
+            for combine in ("lstsq", "nearest"):
+                out.append(_cap_line(longest_jump(errors, steps, combine), min(steps), combine))
         return out
 
 
-def _cap_line(cap: int | None, first: int) -> str:
-    limit = f"lstsq value error {DEFAULT_MAX_VALUE_ERROR:g}; generate --kb-max-error"
+def _cap_line(cap: int | None, first: int, combine: str) -> str:
+    limit = f"{combine} value error {DEFAULT_MAX_VALUE_ERROR:g}; generate --kb-max-error"
+    who = f"adaptive jumps with --kb-combine {combine}"
     if cap is None:
-        return f"adaptive jumps may go to every value step (within {limit})"
+        return f"{who} may go to every value step (within {limit})"
     if cap < first:
-        return f"adaptive jumps never happen: the first value step's error is past {limit}"
-    return f"adaptive jumps go to step {cap} at most (later steps are past {limit})"
+        return f"{who} never happen: the first value step's error is past {limit}"
+    return f"{who} go to step {cap} at most (later steps are past {limit})"
 
 
 def kb_info(folder: Path, checksum: bool = False) -> KBInfo:
