@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from effdiff.export.onnx import export_onnx
-from effdiff.reference.dataset import ATTRIBUTES, render
+from effdiff.reference.dataset import render
 from effdiff.reference.judge import Adherence, AttributeClassifier, frechet_distance, misread
 from effdiff.reference.scenes import DEMO_SCENES, REFERENCE_GUIDANCE, held_in_scenes, held_out_scenes
 from effdiff.runtime.images import image_grid
@@ -91,27 +91,23 @@ def main() -> None:
             real = [render(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
             fd = frechet_distance(feats.astype(np.float64), clf.run(real)[1].astype(np.float64))
             per = adh.per_attribute
-            misses[f"guidance {guidance:g}, {name}"] = (misread(preds, scenes, "colour"), preds, scenes)
+            misses[f"guidance {guidance:g}, {name}"] = misread(preds, scenes, "colour", by="background")
             print(
                 f"| {guidance:g} | {name} | {adh.count} | {per['kind']:.3f} | {per['colour']:.3f} | "
                 f"{per['size']:.3f} | {per['position']:.3f} | {per['background']:.3f} | {adh.mean:.3f} | "
                 f"{fd:.2f} |",
                 flush=True,
             )
-    for where, (counts, preds, scenes) in misses.items():
+    for where, triples in misses.items():
         # the backgrounds they happened on: a colour pair the VAE merges on one background shows here
-        colours = ATTRIBUTES["colour"]
-        on = {
-            pair: Counter(
-                s.background
-                for s, c in zip(scenes, preds["colour"], strict=True)
-                if (s.colour, colours[c]) == pair
-            )
-            for pair in counts
-        }
+        pairs: Counter[tuple[str, str]] = Counter()
+        on: dict[tuple[str, str], Counter[str]] = {}
+        for (a, b, bg), n in triples.most_common():
+            pairs[(a, b)] += n
+            on.setdefault((a, b), Counter())[bg] += n
         listed = ", ".join(
             f"{a} drawn as {b}: {n} (on {', '.join(f'{bg} {k}' for bg, k in on[(a, b)].most_common())})"
-            for (a, b), n in counts.most_common()
+            for (a, b), n in pairs.most_common()
         )
         print(f"colour misses ({where}): {listed or 'none'}")
     # sample grid: rows = prompts (4 held-in, 2 held-out), columns = seeds

@@ -258,3 +258,6 @@ def test_misread_lists_the_confusions() -> None:
     other = next(c for c in ATTRIBUTES["colour"] if c != scenes[1].colour)
     preds["colour"][1] = ATTRIBUTES["colour"].index(other)
     assert misread(preds, scenes, "colour") == {(scenes[1].colour, other): 1}
+    assert misread(preds, scenes, "colour", by="background") == {
+        (scenes[1].colour, other, scenes[1].background): 1
+    }

@@ -547,8 +547,9 @@ def run_bench(
                     peaks[runner.name] = max(peaks[runner.name], mem.peak_gib)
                     bar.update()
         for name, got in parts.items():
-            if got and all(g is not None for g in got):
-                timed[name].append(Run.join([g for g in got if g is not None]))
+            runs = [g for g in got if g is not None]
+            if runs and len(runs) == len(got):  # a peer that failed in this repeat gives no run
+                timed[name].append(Run.join(runs))
         contention.append(others.share)
     bar.close()
     rows = [_row(r, timed[r.name], peaks[r.name], settings.steps) for r in runners if timed[r.name]]

@@ -58,12 +58,15 @@ def paired_difference_interval(
     return diff, max(-1.0, diff - delta), min(1.0, diff + eps)
 
 
-def misread(preds: dict[str, np.ndarray], scenes: list[Scene], attribute: str) -> Counter[tuple[str, str]]:
+def misread(
+    preds: dict[str, np.ndarray], scenes: list[Scene], attribute: str, by: str | None = None
+) -> Counter[tuple[str, ...]]:
     """(prompted, read) value pairs of one attribute where the classifier read another value than the
-    prompt's: the confusions behind an adherence figure (`most_common()` lists the worst first)."""
+    prompt's: the confusions behind an adherence figure (`most_common()` lists the worst first). With
+    `by`, each pair also carries the scene's value of that attribute: (prompted, read, e.g. background)."""
     values = ATTRIBUTES[attribute]
     return Counter(
-        (getattr(s, attribute), values[p])
+        (getattr(s, attribute), values[p], *((getattr(s, by),) if by else ()))
         for s, p in zip(scenes, preds[attribute], strict=True)
         if values[p] != getattr(s, attribute)
     )
