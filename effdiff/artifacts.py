@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +265,12 @@ class Manifest:
         return build_specs(self.geometry, dtype, self.tokenizer.vocab_size)
 
     def spec(self, graph: str, variant: Variant) -> GraphSpec:
-        return self.specs(variant.precision)[graph]
+        """The spec a variant runs with; an INT8 one says so in its meta ("quantized"), which a
+        backend's options may key on (e.g. weight pre-packing)."""
+        spec = self.specs(variant.precision)[graph]
+        if variant.precision is Precision.INT8:
+            spec = replace(spec, meta={**spec.meta, "quantized": True})
+        return spec
 
     def variants(self, graph: str) -> dict[str, Variant]:
         return self.graphs.get(graph, {})

@@ -40,6 +40,7 @@ from effdiff.calib.quantize import (
 from effdiff.compare import psnr
 from effdiff.errors import EffdiffError
 from effdiff.runtime.backends.ort import OrtBackend
+from effdiff.runtime.memory import LEAN_OPTIONS
 from effdiff.runtime.pipeline import Pipeline
 
 from .test_cli import assert_one_line_error, run
@@ -279,6 +280,18 @@ def test_int8_cli_quantizes_validates_and_runs(tiny: Path, tmp_path: Path) -> No
         value = psnr(np.asarray(got.images[0]), np.asarray(want.images[0]))
         assert value >= 30.0, f"{schedule}: int8 vs fp32 PSNR {value:.1f} dB"
     assert got.calls["unet_deep"] == 4 and got.calls["unet_shallow"] == 6
+    # lean options keep weight pre-packing in the INT8 graphs (their packed weights replace the int8
+    # initializers; without them every call packs again) and turn it off in float ones; same images
+    lean_backend = OrtBackend(session_options=LEAN_OPTIONS)
+    lean = Pipeline.load(tiny, precision="int8", backend=lean_backend, lean=True)
+    lean_got = lean("a red circle", steps=10, propagation="cache:3", seed=3)
+    np.testing.assert_allclose(lean_got.latents, got.latents, rtol=1e-4, atol=1e-5)
+    options = {
+        g: lean.open_graph(g).graph.session.get_session_options() for g in ("unet_deep", "vae_decoder")
+    }
+    assert options["vae_decoder"].get_session_config_entry("session.disable_prepacking") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        options["unet_deep"].get_session_config_entry("session.disable_prepacking")
     # the same job again keeps what it made
     again = quantize_artifacts(
         tiny,

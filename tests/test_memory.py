@@ -195,3 +195,72 @@ print(json.dumps({"held": held, "freed": freed, "trimmed": rss(), "ok": ok}))
     assert m["ok"]
     assert m["held"] - m["freed"] < 64 << 20, m  # glibc kept most of the freed pages
     assert m["freed"] - m["trimmed"] > 128 << 20, m  # and gave them back when asked
+
+
+def test_identity_model_is_what_onnx_serializes() -> None:
+    """The runtime writes out the one-op graph that shrinks the shared arena (it does not depend on the
+    onnx package); it must stay the model onnx itself builds."""
+    from onnx import TensorProto, helper
+
+    from effdiff.runtime.backends.ort import _IDENTITY_MODEL
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    assert model.SerializeToString() == _IDENTITY_MODEL
+
+
+def test_a_shared_arena_graph_gives_its_blocks_back_between_phases(tmp_path: Path) -> None:
+    """The shared arena outlives runs and sessions; when the phase that used a graph on it ends (the
+    graph stays open) or the graph is closed, the arena's free blocks go back to the system, so the next
+    phase does not sit on top of them. A graph whose 64 MiB intermediates come from the arena, in a
+    fresh process (nothing else in the arena), real allocator."""
+    import json
+    import subprocess
+    import sys
+
+    from onnx import TensorProto, helper, save
+
+    n = 16 << 20  # float32 elements: 64 MiB per intermediate
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    nodes = [
+        helper.make_node("Add", ["x", "one"], ["a"]),
+        helper.make_node("Mul", ["a", "a"], ["b"]),
+        helper.make_node("Add", ["b", "a"], ["c"]),
+        helper.make_node("ReduceSum", ["c"], ["y"], keepdims=1),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=[one])
+    save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7),
+        tmp_path / "g.onnx",
+    )
+    script = f"""
+import gc, json, numpy as np, psutil
+from effdiff.runtime.backends.ort import OrtGraph, SHARED_ARENA
+from effdiff.runtime.graphs import give_back_freed_memory
+from effdiff.specs import Axis, GraphSpec, TensorSpec
+rss = lambda: psutil.Process().memory_info().rss
+spec = GraphSpec("unet_encoder", (TensorSpec("x", "float32", (Axis(size={n}),)),),
+                 (TensorSpec("y", "float32", (Axis(size=1),)),))
+options = {{SHARED_ARENA: True, "enable_mem_pattern": False}}
+graph = OrtGraph({str(tmp_path / "g.onnx")!r}, spec, options=options)
+graph.run({{"x": np.ones({n}, np.float32)}})
+gc.collect(); give_back_freed_memory()
+held = rss()
+graph.end_phase()
+ended = rss()
+graph.run({{"x": np.ones({n}, np.float32)}})  # still open, takes fresh blocks
+gc.collect(); give_back_freed_memory()
+again = rss()
+graph.close()
+gc.collect(); give_back_freed_memory()
+print(json.dumps({{"held": held, "ended": ended, "again": again, "closed": rss()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    # at least two of the 64 MiB blocks went back each time
+    assert m["held"] - m["ended"] > 100 << 20 and m["again"] - m["closed"] > 100 << 20, m

@@ -39,6 +39,13 @@ class GraphWrapper:
     def close(self) -> None:
         self.graph.close()
 
+    def end_phase(self) -> None:
+        """The phase that used this graph is over and it stays open: a backend that can give back what
+        its runs hold between calls (ONNX Runtime's shared arena) does so now."""
+        end = getattr(self.graph, "end_phase", None)
+        if end is not None:
+            end()
+
 
 class TimedGraph(GraphWrapper):
     """A graph that accumulates its run time and call count."""
@@ -184,3 +191,5 @@ class GraphSet:
             for name in names:
                 if name not in self.resident:
                     self.release(name)
+                elif name in self._open:
+                    self._open[name].end_phase()

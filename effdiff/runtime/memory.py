@@ -24,21 +24,23 @@ import numpy as np
 
 from effdiff.artifacts import Manifest, Variant, write_json
 from effdiff.errors import EffdiffError
-from effdiff.runtime.backends.ort import SHARED_ARENA
+from effdiff.runtime.backends.ort import PREPACK_QUANTIZED, SHARED_ARENA
 from effdiff.specs import UNET_GRAPHS, GraphSpec
 
 PROFILE_FILE = "memory_profile.json"
 # ONNX Runtime options that trade a little speed for memory: no arena of their own (freed buffers go
 # back to the system), no memory pattern (no planned block for the largest shapes), no pre-packed
-# weight copies. The UNet graphs, which run at every step, allocate from one arena shared by the
-# process instead (SHARED_ARENA): without any arena every run takes fresh pages from the kernel, 1.3x
-# (decoder) to 1.4x (encoder) slower at 512x512 than ONNX Runtime's defaults, against 1.1x with it.
-# The text encoder and the VAE stay off it: in a run that keeps the UNet open, their blocks would
-# stay in the arena beside the UNet's (measured: 1.96 GiB peak against 1.62).
+# weight copies in float graphs (quantized graphs keep theirs: PREPACK_QUANTIZED). The UNet graphs,
+# which run at every step, allocate from one arena shared by the process instead (SHARED_ARENA):
+# without any arena every run takes fresh pages from the kernel, 1.3x (decoder) to 1.4x (encoder)
+# slower at 512x512 than ONNX Runtime's defaults, against 1.1x with it. The arena gives its blocks
+# back when the UNet phase ends (OrtGraph.end_phase). The text encoder and the VAE stay off it: they
+# run once or a few times per image, and their blocks would otherwise join the UNet's.
 LEAN_OPTIONS: dict[str, Any] = {
     "enable_cpu_mem_arena": False,
     "enable_mem_pattern": False,
     "config:session.disable_prepacking": "1",
+    PREPACK_QUANTIZED: True,
     SHARED_ARENA: UNET_GRAPHS,
 }
 OPTION_SETS = {"default": {}, "lean": LEAN_OPTIONS}
@@ -176,7 +178,8 @@ class MemoryPlan:
         )
         parts = [
             loading,
-            "lean ORT options (memory pattern, pre-packing, own arenas off; UNet on one shared arena)"
+            "lean ORT options (memory pattern, own arenas and float graphs' pre-packing off; UNet on one "
+            "shared arena)"
             if self.options == "lean"
             else "ORT defaults",
         ]
@@ -248,18 +251,11 @@ def plan_memory(
             cost = profile.cost(g, variants[g], options, attention)
             return cost.resident + (cost.activation(*args[phase_of[g]]) if options == "default" else 0.0)
 
-        # lean options put the UNet graphs on one arena that outlives their sessions: the blocks of
-        # their largest run stay held while the text encoder and the VAE run
-        unet_costs = [profile.cost(g, variants[g], options, attention) for g in unet_graphs]
-        shared = (
-            max(c.activation(*args["unet"]) for c in unet_costs)
-            if options == "lean" and LEAN_OPTIONS[SHARED_ARENA]
-            else 0.0
-        )
         worst = 0.0
         for name, graphs in phases.items():
             costs = [profile.cost(g, variants[g], options, attention) for g in graphs]
-            others = sum(held(g) for g in kept if g not in graphs) + (shared if name != "unet" else 0.0)
+            # (the UNet's shared arena gives its blocks back when the UNet phase ends: end_phase)
+            others = sum(held(g) for g in kept if g not in graphs)
             opened = sum(c.resident for c in costs)
             creating = max(c.create_extra for c in costs)  # one session is created at a time
             act = max(c.activation(*args[name]) for c in costs)
