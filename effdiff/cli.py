@@ -177,7 +177,7 @@ def export_onnx_cmd(
     type=click.IntRange(1),
     help="the cache:N schedule captured for unet_deep/unet_shallow (when the folder has them)",
 )
-@click.option("--guidance", type=float, help="default: 3 for the reference model, else 7.5")
+@click.option("--guidance", type=float, help="default: 2 for the reference model, else 7.5")
 @click.option("--calib-dir", type=click.Path(path_type=Path), help="default: ARTIFACTS/calibration")
 @click.option(
     "--graphs",
