@@ -3,7 +3,11 @@ one line when none does; the pipeline applies the plan it chose."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -165,15 +169,26 @@ def test_shared_arena_sessions_give_the_same_images(sd1_artifacts: Path) -> None
     assert session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
 
 
+def _fresh_process(script: str) -> dict[str, Any]:
+    """Run `script` in a fresh interpreter (nothing earlier in its heap or arenas) and return the JSON
+    object its last line prints."""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _onnx_model(graph: Any) -> Any:
+    """An ONNX model of `graph` at opset 13, IR 7 (what the runtime's one-op arena releaser is)."""
+    from onnx import helper
+
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
 def test_freed_heap_pages_go_back_to_the_os() -> None:
     """What a session's load frees stays in the process under glibc until malloc_trim; the runtime gives
     it back after opening and after closing each graph. Measured with the real allocator in a fresh
     process (so no earlier hole in the heap takes the buffers): 256 MiB of 64 KiB arrays (below glibc's
     mmap threshold, so on the heap) freed under a live array above them."""
-    import json
-    import subprocess
-    import sys
-
     from effdiff.runtime.graphs import give_back_freed_memory
 
     if not give_back_freed_memory():
@@ -190,8 +205,7 @@ freed = rss()
 ok = give_back_freed_memory()
 print(json.dumps({"held": held, "freed": freed, "trimmed": rss(), "ok": ok}))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    m = _fresh_process(script)
     assert m["ok"]
     assert m["held"] - m["freed"] < 64 << 20, m  # glibc kept most of the freed pages
     assert m["freed"] - m["trimmed"] > 128 << 20, m  # and gave them back when asked
@@ -207,8 +221,7 @@ def test_identity_model_is_what_onnx_serializes() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    assert model.SerializeToString() == _IDENTITY_MODEL
+    assert _onnx_model(graph).SerializeToString() == _IDENTITY_MODEL
 
 
 def test_a_shared_arena_graph_gives_its_blocks_back_between_phases(tmp_path: Path) -> None:
@@ -216,10 +229,6 @@ def test_a_shared_arena_graph_gives_its_blocks_back_between_phases(tmp_path: Pat
     graph stays open) or the graph is closed, the arena's free blocks go back to the system, so the next
     phase does not sit on top of them. A graph whose 64 MiB intermediates come from the arena, in a
     fresh process (nothing else in the arena), real allocator."""
-    import json
-    import subprocess
-    import sys
-
     from onnx import TensorProto, helper, save
 
     n = 16 << 20  # float32 elements: 64 MiB per intermediate
@@ -233,10 +242,7 @@ def test_a_shared_arena_graph_gives_its_blocks_back_between_phases(tmp_path: Pat
         helper.make_node("ReduceSum", ["c"], ["y"], keepdims=1),
     ]
     graph = helper.make_graph(nodes, "g", [x], [y], initializer=[one])
-    save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7),
-        tmp_path / "g.onnx",
-    )
+    save(_onnx_model(graph), tmp_path / "g.onnx")
     script = f"""
 import gc, json, numpy as np, psutil
 from effdiff.runtime.backends.ort import OrtGraph, SHARED_ARENA
@@ -259,8 +265,6 @@ graph.close()
 gc.collect(); give_back_freed_memory()
 print(json.dumps({{"held": held, "ended": ended, "again": again, "closed": rss()}}))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    m = _fresh_process(script)
     # at least two of the 64 MiB blocks went back each time
     assert m["held"] - m["ended"] > 100 << 20 and m["again"] - m["closed"] > 100 << 20, m
