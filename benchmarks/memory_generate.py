@@ -4,7 +4,9 @@ Each row is one fresh process that loads the pipeline, generates one image twice
 the sessions; the second shows what a process that keeps generating pays per image), and reports the
 process's peak RSS from the kernel's own high-water mark (getrusage ru_maxrss: nothing between two
 samples is missed) beside the time of each call. Modes:
-- `resident`: every graph opened once and kept, ONNX Runtime's default options;
+- `resident`: every graph opened once and kept, the runtime's default options (on the CPU: ONNX
+  Runtime's defaults with every graph on one shared arena; `--resident-options default` for ONNX
+  Runtime's own defaults, an arena per session);
 - `lean`: the runtime's leanest plan: one component in memory at a time, arena, memory pattern and
   weight pre-packing off, the VAE in tiles of a quarter of the latent side;
 - `lean-unet`: the same with the UNet graphs kept open between generations (the text encoder and the
@@ -42,6 +44,7 @@ def measure_one(
     schedule: str,
     unet_rows: int | None,
     lean_options: str | None,
+    resident_options: str | None = None,
 ) -> dict:
     """In this process: load, generate twice; figures in GiB and seconds."""
     import psutil
@@ -57,8 +60,11 @@ def measure_one(
     lean = mode in ("lean", "lean-unet")
     budget = mode.split(":", 1)[1] if mode.startswith("budget:") else None
     row["lean_options"] = lean_options if lean and lean_options else None
+    row["resident_options"] = resident_options if mode == "resident" else None
     options = OPTION_SETS[lean_options] if lean_options else LEAN_OPTIONS
-    backend = get_backend("ort", session_options=options if lean else None)
+    if not lean:  # resident and budgets: the runtime's own options unless --resident-options names a set
+        options = OPTION_SETS[resident_options] if resident_options and mode == "resident" else None
+    backend = get_backend("ort", session_options=options)
     pipe = Pipeline.load(artifacts, backend=backend, precision=precision, lean=lean, memory_budget=budget)
     if mode == "lean-unet":
         pipe.graphs.resident = KeySchedule.parse(schedule).graphs
@@ -107,6 +113,9 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--unet-rows", type=int, help="UNet rows per call (default: the whole batch)")
     parser.add_argument("--lean-options", choices=sorted(OPTION_SETS), help="option set of the lean modes")
+    parser.add_argument(
+        "--resident-options", choices=sorted(OPTION_SETS), help="option set of the resident mode"
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one row
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -120,6 +129,7 @@ def main() -> None:
             args.schedule,
             args.unet_rows,
             args.lean_options,
+            args.resident_options,
         )
         print(json.dumps(row))
         return
@@ -134,6 +144,7 @@ def main() -> None:
             options += ["--precisions", precision, "--modes", mode]
             options += ["--unet-rows", str(args.unet_rows)] if args.unet_rows else []
             options += ["--lean-options", args.lean_options] if args.lean_options else []
+            options += ["--resident-options", args.resident_options] if args.resident_options else []
             row = fresh_row(__file__, args.artifacts, options, f"{precision} {mode}")
             if row is not None:
                 rows.append(row)

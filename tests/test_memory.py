@@ -81,6 +81,16 @@ def test_planner_picks_the_fastest_plan_that_fits(sd1_artifacts: Path) -> None:
     assert vae.activation(1, 64 * 64) >= FALLBACK_VAE_ACTIVATION_PER_PIXEL["default"] * 64 * 64
     first = plans[0][1]
     assert first.resident == ("*",) and first.options == "default" and first.vae_tile is None
+    # everything resident: every session, plus the most one phase adds while it creates or runs its
+    # graphs (the shared arena gives each phase's blocks back: other phases' activations are not held)
+    costs = {g: profile.cost(g, v, "default") for g, v in variants.items()}
+    phases = {"text_encoder": (2, ("text_encoder",)), "unet": (2, graphs), "vae": (1, ("vae_decoder",))}
+    per_phase = [
+        max(max(costs[g].create_extra for g in gs), max(costs[g].activation(rows, 64 * 64) for g in gs))
+        for rows, gs in phases.values()
+    ]
+    sessions = sum(c.resident for c in costs.values())
+    assert first.estimate == pytest.approx(profile.baseline + sessions + max(per_phase))
     ranks = [p.rank for _, p in plans]
     assert ranks == sorted(ranks), "a smaller budget never gets a faster plan"
     assert all(p.estimate <= b * GIB and "measured profile" in p.describe() for b, p in plans)
@@ -153,20 +163,26 @@ def test_profile_is_measured_and_kept_per_variant(sd1_artifacts: Path, tmp_path:
 
 
 def test_shared_arena_sessions_give_the_same_images(sd1_artifacts: Path) -> None:
-    """Lean options allocate from one arena registered with ONNX Runtime's environment: sessions that
-    open, run and close in turn (lean mode, twice) reuse its blocks and compute what default sessions do."""
+    """The CPU backend's default sessions and lean ones allocate from one arena registered with ONNX
+    Runtime's environment: sessions that run in turn (resident, and lean mode opening and closing them,
+    twice each) reuse its blocks and compute what sessions with arenas of their own do."""
     from effdiff.runtime.backends.ort import SHARED_ARENA, OrtBackend
     from effdiff.runtime.memory import LEAN_OPTIONS
 
     assert LEAN_OPTIONS.get(SHARED_ARENA), "lean plans use the shared arena"
     args = {"steps": 3, "propagation": "uniform:2", "seed": 1, "guidance_scale": 4.0}
-    default = Pipeline.load(sd1_artifacts)("a cat", **args)
+    own_arenas = Pipeline.load(sd1_artifacts, backend=OrtBackend(session_options={}))("a cat", **args)
+    default = Pipeline.load(sd1_artifacts)
     lean = Pipeline.load(sd1_artifacts, backend=OrtBackend(session_options=LEAN_OPTIONS), lean=True)
-    for _ in range(2):
-        np.testing.assert_allclose(lean("a cat", **args).latents, default.latents, rtol=1e-5, atol=1e-6)
-    assert lean.graphs.open_names == ()
-    session = lean.open_graph("unet_encoder").graph.session  # type: ignore[attr-defined]
-    assert session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+    for pipe in (default, lean) * 2:
+        np.testing.assert_allclose(pipe("a cat", **args).latents, own_arenas.latents, rtol=1e-5, atol=1e-6)
+    assert lean.graphs.open_names == () and "vae_decoder" in default.graphs.open_names
+
+    def env_allocators(pipe: Pipeline, graph: str) -> str:
+        session = pipe.open_graph(graph).graph.session  # type: ignore[attr-defined]
+        return session.get_session_options().get_session_config_entry("session.use_env_allocators")
+
+    assert env_allocators(lean, "unet_encoder") == "1" and env_allocators(default, "vae_decoder") == "1"
 
 
 def _fresh_process(script: str) -> dict[str, Any]:

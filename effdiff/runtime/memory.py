@@ -24,7 +24,7 @@ import numpy as np
 
 from effdiff.artifacts import Manifest, Variant, write_json
 from effdiff.errors import EffdiffError
-from effdiff.runtime.backends.ort import PREPACK_QUANTIZED, SHARED_ARENA
+from effdiff.runtime.backends.ort import CPU_DEFAULT_OPTIONS, PREPACK_QUANTIZED, SHARED_ARENA
 from effdiff.specs import UNET_GRAPHS, GraphSpec
 
 PROFILE_FILE = "memory_profile.json"
@@ -43,7 +43,9 @@ LEAN_OPTIONS: dict[str, Any] = {
     PREPACK_QUANTIZED: True,
     SHARED_ARENA: UNET_GRAPHS,
 }
-OPTION_SETS = {"default": {}, "lean": LEAN_OPTIONS}
+# "default": what the CPU backend opens sessions with unless told otherwise (ONNX Runtime's defaults on
+# the shared arena, CPU_DEFAULT_OPTIONS)
+OPTION_SETS = {"default": CPU_DEFAULT_OPTIONS, "lean": LEAN_OPTIONS}
 SAFETY = 0.92  # plan for this share of the budget: allocator slack, Python, the sampler's arrays
 
 # Without a profile: multiples of a variant's weights, measured on the SD1.5 architecture at 512x512
@@ -55,10 +57,11 @@ FALLBACK = {
 }
 # Activation bytes per row and latent pixel of a graph as wide as SD1.5's UNet, lean options, measured
 # at 512x512 (whole UNet, run peak above its session: 3.8 GiB for 2 rows with standard attention, 1.8
-# GiB with --attention fused). The VAE decoder's activations follow its pixels, not its weights: 2.4
-# GiB for one 512x512 image with lean options, 4.7 GiB with the default arena, whichever attention.
+# GiB with --attention fused). The VAE decoder's activations follow its pixels, not its weights: for
+# one 512x512 image 2.4 GiB above its session with lean options, 2.7 GiB with the CPU defaults (on the
+# shared arena, memory pattern on), whichever attention.
 FALLBACK_ACTIVATION_PER_ROW_PIXEL = {"standard": 500_000.0, "fused": 240_000.0}
-FALLBACK_VAE_ACTIVATION_PER_PIXEL = {"default": 1_200_000.0, "lean": 600_000.0}
+FALLBACK_VAE_ACTIVATION_PER_PIXEL = {"default": 700_000.0, "lean": 600_000.0}
 
 
 def parse_size(text: str) -> int:
@@ -181,7 +184,7 @@ class MemoryPlan:
             "lean ORT options (memory pattern, own arenas and float graphs' pre-packing off; UNet on one "
             "shared arena)"
             if self.options == "lean"
-            else "ORT defaults",
+            else "ORT defaults on one shared arena",
         ]
         if self.vae_tile:
             parts.append(f"VAE in tiles of {self.vae_tile} latents")
@@ -243,19 +246,16 @@ def plan_memory(
             "unet": (min(rows, unet_rows or rows), pixels),
             "vae": (images, tile * tile if tile else pixels),
         }
-        phase_of = {g: name for name, graphs in phases.items() for g in graphs}
-        kept = list(phase_of) if resident == ("*",) else list(resident)
-
-        def held(g: str) -> float:
-            # a resident graph keeps its session; with the default arena also its last run's peak
-            cost = profile.cost(g, variants[g], options, attention)
-            return cost.resident + (cost.activation(*args[phase_of[g]]) if options == "default" else 0.0)
+        kept = [g for gs in phases.values() for g in gs] if resident == ("*",) else list(resident)
 
         worst = 0.0
         for name, graphs in phases.items():
             costs = [profile.cost(g, variants[g], options, attention) for g in graphs]
-            # (the UNet's shared arena gives its blocks back when the UNet phase ends: end_phase)
-            others = sum(held(g) for g in kept if g not in graphs)
+            # a resident graph of another phase holds its session only: graphs on the shared arena give
+            # its blocks back when their phase ends (end_phase), the others run without an arena
+            others = sum(
+                profile.cost(g, variants[g], options, attention).resident for g in kept if g not in graphs
+            )
             opened = sum(c.resident for c in costs)
             creating = max(c.create_extra for c in costs)  # one session is created at a time
             act = max(c.activation(*args[name]) for c in costs)
