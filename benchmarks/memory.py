@@ -8,6 +8,10 @@ Every measurement runs in a fresh process, so one graph's allocations never hide
       [--graphs unet_encoder,unet_decoder] [--variants fp32,int8] [--options default,lean]
   (SD1.5 architecture: ~1 minute per graph and option set on 2 cores; prints a markdown table and
    writes benchmarks/results/memory_<artifacts>_<size>.json)
+
+`--variants fp32-w16 --options default,keep-fp16` measures the fp32 graph with its weights stored fp16:
+folded back to fp32 copies at session creation (ONNX Runtime's defaults), or kept fp16 and cast at
+every call.
 """
 
 from __future__ import annotations
@@ -39,13 +43,52 @@ OPTION_SETS: dict[str, dict[str, object]] = {
     },
     # the same with the memory pattern on (its planned blocks come from the shared arena)
     "shared-pattern": {"config:session.disable_prepacking": "1", "shared_arena": True},
+    # ONNX Runtime's defaults, but every graph on the shared arena instead of an arena of its own each
+    "shared": {"shared_arena": True},
+    # keep the fp16 weights of a `fp32-w16` graph fp16 in memory: no constant folding (which turns each
+    # Cast of an fp16 initializer into an fp32 copy) and no layout optimizations (level 3 folds them
+    # too, whatever optimizers are disabled); the Casts then run at every call
+    "keep-fp16": {
+        "graph_optimization_level": "ORT_ENABLE_EXTENDED",
+        "config:optimization.disable_specified_optimizers": "ConstantFolding",
+    },
+    "keep-fp16-no-arena": {
+        "graph_optimization_level": "ORT_ENABLE_EXTENDED",
+        "config:optimization.disable_specified_optimizers": "ConstantFolding",
+        "enable_cpu_mem_arena": False,
+        "enable_mem_pattern": False,
+    },
     # constant folding turns the fp16 weights of INT8 graphs' float layers into fp32 copies at load
     "no-fold": {"config:optimization.disable_specified_optimizers": "ConstantFolding"},
 }
 OPTION_SETS["lean-no-fold"] = {**OPTION_SETS["lean"], **OPTION_SETS["no-fold"]}
 
 
-def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size: int, rows: int) -> dict:
+W16 = "fp32-w16"  # pseudo-variant: the fp32 graph with its Conv/MatMul/Gemm weights stored fp16
+
+
+def fp16_weights_copy(artifacts: Path, graph: str, work: Path) -> Path:
+    """The fp32 graph with the weights only Conv/MatMul/Gemm read stored as fp16 and read through a Cast
+    to fp32 (what `effdiff-export int8` does to the layers it leaves in float), written once into `work`."""
+    import onnx
+
+    from effdiff.artifacts import Manifest
+    from effdiff.calib.quantize import store_float_weights_fp16
+
+    dest = work / f"{artifacts.name}-{graph}.w16.onnx"
+    if not dest.exists():
+        model = onnx.load(str(artifacts / Manifest.read(artifacts).variant(graph, "fp32").file))
+        store_float_weights_fp16(model)
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".tmp")
+        onnx.save(model, str(tmp), save_as_external_data=True, location=f"{dest.name}.data")
+        tmp.rename(dest)  # the data file is written under its final name before this rename
+    return dest
+
+
+def measure_one(
+    artifacts: Path, graph: str, variant: str, option_set: str, size: int, rows: int, work: Path
+) -> dict:
     """In this process: create the session, then run it twice at the size; RSS figures in GiB."""
     import numpy as np
     import onnxruntime as ort
@@ -55,8 +98,12 @@ def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size
     from effdiff.runtime.backends.ort import OrtGraph
 
     manifest = Manifest.read(artifacts)
-    var = manifest.variant(graph, variant)
+    var = manifest.variant(graph, "fp32" if variant == W16 else variant)
     spec = manifest.spec(graph, var)
+    path = fp16_weights_copy(artifacts, graph, work) if variant == W16 else artifacts / var.file
+    disk = (
+        sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*")) if variant == W16 else var.size_bytes
+    )
     options = dict(OPTION_SETS[option_set])
     if "graph_optimization_level" in options:
         options["graph_optimization_level"] = getattr(
@@ -69,7 +116,7 @@ def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size
         feeds["input_ids"] = np.minimum(feeds["input_ids"], 400)
     with PeakRSS(0.002) as create:
         start = time.perf_counter()
-        session = OrtGraph(artifacts / var.file, spec, options=options)
+        session = OrtGraph(path, spec, options=options)
         create_s = time.perf_counter() - start
     import psutil
 
@@ -87,7 +134,7 @@ def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size
         "options": option_set,
         "size": size,
         "rows": rows,
-        "disk_gib": var.size_bytes / 2**30,
+        "disk_gib": disk / 2**30,
         "base_gib": create.baseline_bytes / 2**30,
         "session_added_gib": (steady - create.baseline_bytes) / 2**30,
         "create_peak_added_gib": (create.peak_bytes - create.baseline_bytes) / 2**30,
@@ -119,14 +166,20 @@ def main() -> None:
     parser.add_argument(
         "--graphs", default="text_encoder,unet_encoder,unet_decoder,unet,unet_shallow,vae_decoder"
     )
-    parser.add_argument("--variants", default="fp32")
+    parser.add_argument(
+        "--variants", default="fp32", help=f"manifest variants, or {W16} (fp32 with fp16-stored weights)"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=Path("runs/memory_w16"), help=f"where {W16} copies are written"
+    )
     parser.add_argument("--options", default="default,lean")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if args.one:
         graph, variant, option_set = args.graphs, args.variants, args.options
-        print(json.dumps(measure_one(args.artifacts, graph, variant, option_set, args.size, args.rows)))
+        row = measure_one(args.artifacts, graph, variant, option_set, args.size, args.rows, args.work)
+        print(json.dumps(row))
         return
     from effdiff.bench.device import describe, device_profile
 
@@ -136,7 +189,7 @@ def main() -> None:
         for graph in args.graphs.split(","):
             for option_set in args.options.split(","):
                 options = ["--size", str(args.size), "--rows", str(args.rows), "--graphs", graph]
-                options += ["--variants", variant, "--options", option_set]
+                options += ["--variants", variant, "--options", option_set, "--work", str(args.work)]
                 row = fresh_row(__file__, args.artifacts, options, f"{graph} {variant} {option_set}")
                 if row is not None:
                     results.append(row)
