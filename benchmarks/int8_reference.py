@@ -35,6 +35,8 @@ from effdiff.compare import psnr
 from effdiff.export.onnx import export_onnx
 from effdiff.reference.judge import Adherence, AttributeClassifier
 from effdiff.reference.scenes import REFERENCE_GUIDANCE, held_in_scenes, held_out_scenes
+from effdiff.runtime.backends.ort import OrtBackend
+from effdiff.runtime.memory import LEAN_OPTIONS
 from effdiff.runtime.pipeline import Pipeline
 from effdiff.runtime.propagation import KeySchedule
 
@@ -156,6 +158,10 @@ def main() -> None:
         ("fd", args.artifacts, "fp32", "fd-ddim50"),
         ("cache:3", args.artifacts, "fp32", "cache:3"),
         ("cache:3+int8", folders["propagation"], "int8", "cache:3"),
+        # lean mode's sessions (effdiff.runtime.memory.LEAN_OPTIONS): its INT8 graphs keep their float
+        # layers' fp16 weights, which puts the quantized convolutions on another kernel layout
+        ("int8 lean", folders["propagation"], "int8", "none"),
+        ("cache:3+int8 lean", folders["propagation"], "int8", "cache:3"),
     ]
     if not args.skip_ablation:
         configs += [
@@ -194,15 +200,20 @@ def main() -> None:
                     precision,
                     keys,
                     manifest.source.content_hash,
+                    *(["lean"] if name.endswith(" lean") else []),
                 ]
             )
-            pipe = Pipeline.load(folder, precision=precision)
+            if name.endswith(" lean"):
+                backend = OrtBackend(session_options=LEAN_OPTIONS)
+                pipe = Pipeline.load(folder, precision=precision, backend=backend, lean=True)
+            else:
+                pipe = Pipeline.load(folder, precision=precision)
             start = time.perf_counter()
             images = images_for(pipe, scenes, args, propagation, args.work / "images", key)
             per_image = (time.perf_counter() - start) / len(images)
             if precision == "fp32":
                 fp32_images[propagation] = images
-            elif name in ("int8", "fd+int8"):
+            elif name in ("int8", "fd+int8"):  # (not the lean rows)
                 int8_images[name] = images
             adh = Adherence.of(clf.run(images)[0], scenes)
             ref = fp32_images.get(propagation)

@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from effdiff.runtime.backends.ort import KEEP_FP16_WEIGHTS
+from effdiff.runtime.memory import LEAN_OPTIONS
+
 # ONNX Runtime session options tried (`config:` entries are session config keys).
 OPTION_SETS: dict[str, dict[str, object]] = {
     "default": {},
@@ -62,6 +65,10 @@ OPTION_SETS: dict[str, dict[str, object]] = {
     "no-fold": {"config:optimization.disable_specified_optimizers": "ConstantFolding"},
 }
 OPTION_SETS["lean-no-fold"] = {**OPTION_SETS["lean"], **OPTION_SETS["no-fold"]}
+# the runtime's own lean options (effdiff.runtime.memory.LEAN_OPTIONS), and the same with fp16-stored
+# weights (INT8 graphs' float layers) folded into fp32 copies as ONNX Runtime does by default
+OPTION_SETS["runtime-lean"] = dict(LEAN_OPTIONS)
+OPTION_SETS["runtime-lean-fold-fp16"] = {**LEAN_OPTIONS, KEEP_FP16_WEIGHTS: False}
 
 
 W16 = "fp32-w16"  # pseudo-variant: the fp32 graph with its Conv/MatMul/Gemm weights stored fp16

@@ -265,11 +265,15 @@ class Manifest:
         return build_specs(self.geometry, dtype, self.tokenizer.vocab_size)
 
     def spec(self, graph: str, variant: Variant) -> GraphSpec:
-        """The spec a variant runs with; an INT8 one says so in its meta ("quantized"), which a
-        backend's options may key on (e.g. weight pre-packing)."""
+        """The spec a variant runs with; an INT8 one says so in its meta ("quantized", and
+        "fp16_weights" when its float layers' weights are stored fp16), which a backend's options may
+        key on (weight pre-packing, keeping fp16 weights fp16)."""
         spec = self.specs(variant.precision)[graph]
         if variant.precision is Precision.INT8:
-            spec = replace(spec, meta={**spec.meta, "quantized": True})
+            fp16 = variant.meta.get("float_weights") == "fp16"
+            spec = replace(
+                spec, meta={**spec.meta, "quantized": True, **({"fp16_weights": True} if fp16 else {})}
+            )
         return spec
 
     def variants(self, graph: str) -> dict[str, Variant]:

@@ -281,17 +281,27 @@ def test_int8_cli_quantizes_validates_and_runs(tiny: Path, tmp_path: Path) -> No
         assert value >= 30.0, f"{schedule}: int8 vs fp32 PSNR {value:.1f} dB"
     assert got.calls["unet_deep"] == 4 and got.calls["unet_shallow"] == 6
     # lean options keep weight pre-packing in the INT8 graphs (their packed weights replace the int8
-    # initializers; without them every call packs again) and turn it off in float ones; same images
+    # initializers; without them every call packs again) and turn it off in float ones. They also keep
+    # the INT8 graphs' fp16-stored float weights fp16, which leaves the quantized convolutions in NCHW
+    # (ONNX Runtime moves them to NHWC kernels at ORT_ENABLE_ALL): not the same rounding, so the images
+    # are held to INT8's bounds against fp32 and close to the resident INT8 ones, not equal to them
     lean_backend = OrtBackend(session_options=LEAN_OPTIONS)
     lean = Pipeline.load(tiny, precision="int8", backend=lean_backend, lean=True)
     lean_got = lean("a red circle", steps=10, propagation="cache:3", seed=3)
-    np.testing.assert_allclose(lean_got.latents, got.latents, rtol=1e-4, atol=1e-5)
+    rel = float(np.linalg.norm(lean_got.latents - want.latents) / np.linalg.norm(want.latents))
+    assert 0 < rel < 0.2 and psnr(np.asarray(lean_got.images[0]), np.asarray(want.images[0])) >= 30.0
+    to_int8 = float(np.linalg.norm(lean_got.latents - got.latents) / np.linalg.norm(got.latents))
+    assert to_int8 < 0.05, to_int8
     options = {
         g: lean.open_graph(g).graph.session.get_session_options() for g in ("unet_deep", "vae_decoder")
     }
     assert options["vae_decoder"].get_session_config_entry("session.disable_prepacking") == "1"
     with pytest.raises(RuntimeError, match="does not have configuration"):
         options["unet_deep"].get_session_config_entry("session.disable_prepacking")
+    # and keep the INT8 graphs' fp16-stored float weights fp16 (no constant folding, no layout level)
+    assert lean.variants["unet_deep"].meta["float_weights"] == "fp16"
+    assert str(options["unet_deep"].graph_optimization_level).endswith("ORT_ENABLE_EXTENDED")
+    assert str(options["vae_decoder"].graph_optimization_level).endswith("ORT_ENABLE_ALL")
     # the same job again keeps what it made
     again = quantize_artifacts(
         tiny,

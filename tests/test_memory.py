@@ -284,3 +284,49 @@ print(json.dumps({{"held": held, "ended": ended, "again": again, "closed": rss()
     m = _fresh_process(script)
     # at least two of the 64 MiB blocks went back each time
     assert m["held"] - m["ended"] > 100 << 20 and m["again"] - m["closed"] > 100 << 20, m
+
+
+def test_fp16_weights_stay_fp16_when_asked(tmp_path: Path) -> None:
+    """A graph storing its weights fp16 behind Casts (INT8 graphs' float layers) is folded into fp32
+    copies by ONNX Runtime at session creation; with KEEP_FP16_WEIGHTS and a spec that says so, the
+    session holds the fp16 weights only and computes the same. A 4096x4096 MatMul weight (64 MiB fp32,
+    32 MiB fp16), each option in a fresh process, pre-packing off in both (it copies float weights)."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from effdiff.calib.quantize import store_float_weights_fp16
+
+    k = 4096
+    w = np.random.default_rng(0).standard_normal((k, k)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [numpy_helper.from_array(w, "w")]
+    )
+    model = _onnx_model(graph)
+    assert store_float_weights_fp16(model) == k * k * 2
+    save(model, tmp_path / "g.onnx")
+
+    def measure(keep: bool) -> dict[str, Any]:
+        script = f"""
+import json, numpy as np, psutil
+from effdiff.runtime.backends.ort import KEEP_FP16_WEIGHTS, OrtGraph
+from effdiff.runtime.graphs import give_back_freed_memory
+from effdiff.specs import Axis, GraphSpec, TensorSpec
+rss = lambda: psutil.Process().memory_info().rss
+io = lambda name: (TensorSpec(name, "float32", (Axis(size=1), Axis(size={k}))),)
+spec = GraphSpec("unet_decoder", io("x"), io("y"), meta={{"fp16_weights": True}})
+before = rss()
+options = {{KEEP_FP16_WEIGHTS: {keep}, "config:session.disable_prepacking": "1"}}
+graph = OrtGraph({str(tmp_path / "g.onnx")!r}, spec, options=options)
+give_back_freed_memory()
+session = rss() - before
+out = graph.run({{"x": np.ones((1, {k}), np.float32)}})["y"]
+level = str(graph.session.get_session_options().graph_optimization_level)
+print(json.dumps({{"session": session, "y": out[0, :8].tolist(), "level": level}}))
+"""
+        return _fresh_process(script)
+
+    kept, folded = measure(True), measure(False)
+    assert "EXTENDED" in kept["level"] and "ALL" in folded["level"]
+    assert folded["session"] - kept["session"] > 24 << 20, (kept, folded)  # fp32 copy vs fp16 weights
+    np.testing.assert_allclose(kept["y"], folded["y"], rtol=1e-5)

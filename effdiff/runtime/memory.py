@@ -24,16 +24,22 @@ import numpy as np
 
 from effdiff.artifacts import Manifest, Variant, write_json
 from effdiff.errors import EffdiffError
-from effdiff.runtime.backends.ort import CPU_DEFAULT_OPTIONS, PREPACK_QUANTIZED, SHARED_ARENA
+from effdiff.runtime.backends.ort import (
+    CPU_DEFAULT_OPTIONS,
+    KEEP_FP16_WEIGHTS,
+    PREPACK_QUANTIZED,
+    SHARED_ARENA,
+)
 from effdiff.specs import UNET_GRAPHS, GraphSpec
 
 PROFILE_FILE = "memory_profile.json"
 # ONNX Runtime options that trade a little speed for memory: no arena of their own (freed buffers go
 # back to the system), no memory pattern (no planned block for the largest shapes), no pre-packed
-# weight copies in float graphs (quantized graphs keep theirs: PREPACK_QUANTIZED). The UNet graphs,
-# which run at every step, allocate from one arena shared by the process instead (SHARED_ARENA):
-# without any arena every run takes fresh pages from the kernel, 1.3x (decoder) to 1.4x (encoder)
-# slower at 512x512 than ONNX Runtime's defaults, against 1.1x with it. The arena gives its blocks
+# weight copies in float graphs (quantized graphs keep theirs: PREPACK_QUANTIZED), fp16-stored weights
+# kept fp16 (KEEP_FP16_WEIGHTS). The UNet graphs, which run at every step, allocate from one arena
+# shared by the process instead (SHARED_ARENA): without any arena every run takes fresh pages from the
+# kernel, 1.3x (decoder) to 1.4x (encoder) slower at 512x512 than ONNX Runtime's defaults, against 1.1x
+# with it. The arena gives its blocks
 # back when the UNet phase ends (OrtGraph.end_phase). The text encoder and the VAE stay off it: they
 # run once or a few times per image, and their blocks would otherwise join the UNet's.
 LEAN_OPTIONS: dict[str, Any] = {
@@ -41,6 +47,7 @@ LEAN_OPTIONS: dict[str, Any] = {
     "enable_mem_pattern": False,
     "config:session.disable_prepacking": "1",
     PREPACK_QUANTIZED: True,
+    KEEP_FP16_WEIGHTS: True,
     SHARED_ARENA: UNET_GRAPHS,
 }
 # "default": what the CPU backend opens sessions with unless told otherwise (ONNX Runtime's defaults on

@@ -39,6 +39,18 @@ SHARED_ARENA = "shared_arena"
 # without them MLAS packs every weight again at every call (1.3x slower encoder, 1.25x decoder). A
 # float graph's packed copies cost 22 % of its weights (fp32 decoder: 1.94 against 1.51 GiB).
 PREPACK_QUANTIZED = "prepack_quantized"
+# Session option (not one of ONNX Runtime's): when true, a graph whose spec says it stores fp16 weights
+# read through Casts (meta "fp16_weights": INT8 graphs' float layers) keeps them fp16 in memory. ONNX
+# Runtime otherwise folds each Cast into an fp32 copy at session creation: in constant folding, and
+# again in the layout optimizations of ORT_ENABLE_ALL, which ignore the list of disabled optimizers.
+# So such a graph runs at ORT_ENABLE_EXTENDED without constant folding, casting at every call. SD1.5
+# architecture, INT8 halves at 512x512, one row, lean options: sessions 0.53 -> 0.38 GiB (encoder) and
+# 0.92 -> 0.75 GiB (decoder), run peaks 0.77 -> 0.70 and 1.11 -> 0.98 GiB, the same time per call
+# within 4 % in two runs (benchmarks/memory.py --options runtime-lean-fold-fp16,runtime-lean). The quantized
+# convolutions then stay NCHW (ORT_ENABLE_ALL moves them to NHWC kernels), which rounds differently:
+# on the reference model INT8 still follows every attribute of 192 prompts, 53.9 dB from fp32 against
+# 54.0 (benchmarks/int8_reference.py, "int8 lean").
+KEEP_FP16_WEIGHTS = "keep_fp16_weights"
 # What sessions on the CPU provider get unless the caller passes options: ONNX Runtime's defaults, but
 # every graph on the shared arena. With an arena per session, each one keeps its own largest run; on one
 # arena (given back when each phase ends) the phases take turns on the same blocks. SD1.5 architecture,
@@ -122,6 +134,9 @@ class OrtGraph:
         shared = options.pop(SHARED_ARENA, ())
         if options.pop(PREPACK_QUANTIZED, False) and spec.meta.get("quantized"):
             options.pop("config:session.disable_prepacking", None)
+        if options.pop(KEEP_FP16_WEIGHTS, False) and spec.meta.get("fp16_weights"):
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            options["config:optimization.disable_specified_optimizers"] = "ConstantFolding"
         self.on_shared_arena = shared is True or spec.name in shared
         if self.on_shared_arena:
             _register_shared_arena()
