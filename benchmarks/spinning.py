@@ -1,8 +1,10 @@
 """ONNX Runtime's spinning threads between graphs that take turns: the runtime's default (sessions other
 than the whole UNet stop spinning when run() returns) against ONNX Runtime's own default (every
-session's threads spin on after each run), in one process, interleaved over repeats.
+session's threads spin on after each run), in one process, interleaved over repeats. `--compare arena`
+instead sets the runtime's CPU default (every graph on one shared arena, given back when each phase
+ends) against ONNX Runtime's (an arena per session).
 
-  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/spinning.py --artifacts artifacts/reference
+  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/spinning.py --artifacts artifacts/reference [--compare arena]
 
 Each repeat generates the demo's six prompts one at a time (DDIM 50, the reference model's guidance)
 with every schedule under both settings, in turn; the table gives the median seconds per prompt and the
@@ -20,12 +22,19 @@ import numpy as np
 from int8_reference import machine  # benchmarks/ is this script's folder, so it is on sys.path
 
 from effdiff.reference.scenes import DEMO_SCENES, REFERENCE_GUIDANCE
-from effdiff.runtime.backends.ort import OrtBackend
+from effdiff.runtime.backends.ort import CPU_DEFAULT_OPTIONS, OrtBackend
 from effdiff.runtime.pipeline import Pipeline
 
-SETTINGS = {
-    "spin on between runs (ORT default)": {"config:session.force_spinning_stop": "0"},
-    "stop after run (effdiff default)": {},
+# setting -> session options (None: the runtime's defaults); the first is each ratio's baseline
+COMPARISONS: dict[str, dict[str, dict[str, str] | None]] = {
+    "spinning": {
+        "spin on between runs (ORT default)": {
+            **CPU_DEFAULT_OPTIONS,
+            "config:session.force_spinning_stop": "0",
+        },
+        "stop after run (effdiff default)": None,
+    },
+    "arena": {"an arena per session (ORT default)": {}, "one shared arena (effdiff default)": None},
 }
 
 
@@ -35,11 +44,13 @@ def main() -> None:
     parser.add_argument("--schedules", default="none,fd-ddim50,cache:3")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="spinning")
     args = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
+    settings = COMPARISONS[args.compare]
     pipes = {
         name: Pipeline.load(args.artifacts, backend=OrtBackend(session_options=opts))
-        for name, opts in SETTINGS.items()
+        for name, opts in settings.items()
     }
     schedules = args.schedules.split(",")
     prompts = [s.prompt for s in DEMO_SCENES]
@@ -60,10 +71,10 @@ def main() -> None:
                 seconds.setdefault((name, schedule), []).append(run(pipe, schedule))
     print("\n| schedule | setting | s per prompt (median, min-max) | speed-up (per repeat) |")
     print("|---|---|---|---|")
-    base_name = next(iter(SETTINGS))
+    base_name = next(iter(settings))
     for schedule in schedules:
         base = np.asarray(seconds[(base_name, schedule)])
-        for name in SETTINGS:
+        for name in settings:
             s = np.asarray(seconds[(name, schedule)])
             ratio = base / s
             print(

@@ -231,6 +231,8 @@ def _arena_releaser() -> tuple[Any, Any]:
     ort = _ort()
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.use_env_allocators", "1")
+    # no thread pool: its threads would spin after the run while the next phase's graph starts
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     session = ort.InferenceSession(_IDENTITY_MODEL, opts, providers=["CPUExecutionProvider"])
     run_options = ort.RunOptions()
     run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
