@@ -39,9 +39,9 @@ PROFILE_FILE = "memory_profile.json"
 # kept fp16 (KEEP_FP16_WEIGHTS). The UNet graphs, which run at every step, allocate from one arena
 # shared by the process instead (SHARED_ARENA): without any arena every run takes fresh pages from the
 # kernel, 1.3x (decoder) to 1.4x (encoder) slower at 512x512 than ONNX Runtime's defaults, against 1.1x
-# with it. The arena gives its blocks
-# back when the UNet phase ends (OrtGraph.end_phase). The text encoder and the VAE stay off it: they
-# run once or a few times per image, and their blocks would otherwise join the UNet's.
+# with it. The arena gives its blocks back when the UNet phase ends (OrtGraph.end_phase). The text
+# encoder and the VAE stay off it: they run once or a few times per image, and their blocks would
+# otherwise join the UNet's.
 LEAN_OPTIONS: dict[str, Any] = {
     "enable_cpu_mem_arena": False,
     "enable_mem_pattern": False,
@@ -65,8 +65,9 @@ FALLBACK = {
 # Activation bytes per row and latent pixel of a graph as wide as SD1.5's UNet, lean options, measured
 # at 512x512 (whole UNet, run peak above its session: 3.8 GiB for 2 rows with standard attention, 1.8
 # GiB with --attention fused). The VAE decoder's activations follow its pixels, not its weights: for
-# one 512x512 image 2.4 GiB above its session with lean options, 2.7 GiB with the CPU defaults (on the
-# shared arena, memory pattern on), whichever attention.
+# one 512x512 image 2.7 GiB above its session with the CPU defaults (on the shared arena, memory
+# pattern on), whichever attention; with lean options 2.4 GiB in an earlier measurement and 1.0 GiB in
+# a fresh process running it alone (benchmarks/memory.py --rows 1), the estimate keeping the larger.
 FALLBACK_ACTIVATION_PER_ROW_PIXEL = {"standard": 500_000.0, "fused": 240_000.0}
 FALLBACK_VAE_ACTIVATION_PER_PIXEL = {"default": 700_000.0, "lean": 600_000.0}
 

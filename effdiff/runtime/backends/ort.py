@@ -46,8 +46,8 @@ PREPACK_QUANTIZED = "prepack_quantized"
 # So such a graph runs at ORT_ENABLE_EXTENDED without constant folding, casting at every call. SD1.5
 # architecture, INT8 halves at 512x512, one row, lean options: sessions 0.53 -> 0.38 GiB (encoder) and
 # 0.92 -> 0.75 GiB (decoder), run peaks 0.77 -> 0.70 and 1.11 -> 0.98 GiB, the same time per call
-# within 4 % in two runs (benchmarks/memory.py --options runtime-lean-fold-fp16,runtime-lean). The quantized
-# convolutions then stay NCHW (ORT_ENABLE_ALL moves them to NHWC kernels), which rounds differently:
+# within 4 % in two runs (benchmarks/memory.py --options runtime-lean-fold-fp16,runtime-lean). The
+# quantized convolutions then stay NCHW (ORT_ENABLE_ALL moves them to NHWC kernels), which rounds differently:
 # on the reference model INT8 still follows every attribute of 192 prompts, 53.9 dB from fp32 against
 # 54.0 (benchmarks/int8_reference.py, "int8 lean").
 KEEP_FP16_WEIGHTS = "keep_fp16_weights"
