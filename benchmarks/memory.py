@@ -55,16 +55,15 @@ OPTION_SETS: dict[str, dict[str, object]] = {
         "graph_optimization_level": "ORT_ENABLE_EXTENDED",
         "config:optimization.disable_specified_optimizers": "ConstantFolding",
     },
-    "keep-fp16-no-arena": {
-        "graph_optimization_level": "ORT_ENABLE_EXTENDED",
-        "config:optimization.disable_specified_optimizers": "ConstantFolding",
-        "enable_cpu_mem_arena": False,
-        "enable_mem_pattern": False,
-    },
     # constant folding turns the fp16 weights of INT8 graphs' float layers into fp32 copies at load
     "no-fold": {"config:optimization.disable_specified_optimizers": "ConstantFolding"},
 }
 OPTION_SETS["lean-no-fold"] = {**OPTION_SETS["lean"], **OPTION_SETS["no-fold"]}
+OPTION_SETS["keep-fp16-no-arena"] = {
+    **OPTION_SETS["keep-fp16"],
+    "enable_cpu_mem_arena": False,
+    "enable_mem_pattern": False,
+}
 # the runtime's own lean options (effdiff.runtime.memory.LEAN_OPTIONS), and the same with fp16-stored
 # weights (INT8 graphs' float layers) folded into fp32 copies as ONNX Runtime does by default
 OPTION_SETS["runtime-lean"] = dict(LEAN_OPTIONS)

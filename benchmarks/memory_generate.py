@@ -61,9 +61,12 @@ def measure_one(
     budget = mode.split(":", 1)[1] if mode.startswith("budget:") else None
     row["lean_options"] = lean_options if lean and lean_options else None
     row["resident_options"] = resident_options if mode == "resident" else None
-    options = OPTION_SETS[lean_options] if lean_options else LEAN_OPTIONS
-    if not lean:  # resident and budgets: the runtime's own options unless --resident-options names a set
-        options = OPTION_SETS[resident_options] if resident_options and mode == "resident" else None
+    if lean:
+        options = OPTION_SETS[lean_options] if lean_options else LEAN_OPTIONS
+    elif mode == "resident" and resident_options:
+        options = OPTION_SETS[resident_options]
+    else:  # resident and budgets: the runtime's own options (a budget's plan sets its own)
+        options = None
     backend = get_backend("ort", session_options=options)
     pipe = Pipeline.load(artifacts, backend=backend, precision=precision, lean=lean, memory_budget=budget)
     if mode == "lean-unet":

@@ -29,6 +29,7 @@ from effdiff.runtime.backends.ort import (
     KEEP_FP16_WEIGHTS,
     PREPACK_QUANTIZED,
     SHARED_ARENA,
+    default_session_options,
 )
 from effdiff.specs import UNET_GRAPHS, GraphSpec
 
@@ -174,8 +175,11 @@ class MemoryPlan:
     rank: int = 0  # position among the candidate plans, fastest first
     unet_rows: int | None = None  # UNet batch rows per call (None: the whole batch at once)
 
-    @property
-    def session_options(self) -> dict[str, Any]:
+    def session_options(self, providers: list[str]) -> dict[str, Any]:
+        """The plan's ONNX Runtime options for a backend with these providers: "default" is what that
+        backend opens sessions with unless told otherwise (default_session_options)."""
+        if self.options == "default":
+            return default_session_options(providers)
         return dict(OPTION_SETS[self.options])
 
     def describe(self) -> str:

@@ -481,7 +481,6 @@ class Pipeline:
     def plan_memory(self, schedule: KeySchedule, images: int, height: int, width: int) -> Any:
         """Plan this request under the pipeline's memory budget and apply the plan: which graphs stay
         resident, the session options (graphs opened with other options are released), VAE tiling."""
-        from effdiff.runtime.backends.ort import default_session_options
         from effdiff.runtime.memory import MemoryProfile, plan_memory
 
         assert self.memory_budget is not None
@@ -499,9 +498,7 @@ class Pipeline:
             MemoryProfile.read(self.artifacts),
             self._baseline_rss,
         )
-        options = plan.session_options
-        if plan.options == "default":  # the backend's own defaults for its providers
-            options = default_session_options(self.backend.providers)  # type: ignore[attr-defined]
+        options = plan.session_options(self.backend.providers)  # type: ignore[attr-defined]
         if getattr(self.backend, "session_options", None) != options:
             for name in self.graphs.open_names:
                 self.graphs.release(name)
