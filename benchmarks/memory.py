@@ -79,7 +79,7 @@ def fp16_weights_copy(artifacts: Path, graph: str, work: Path) -> Path:
     import onnx
 
     from effdiff.artifacts import Manifest
-    from effdiff.calib.quantize import store_float_weights_fp16
+    from effdiff.export.weights import store_float_weights_fp16
 
     dest = work / f"{artifacts.name}-{graph}.w16.onnx"
     if not dest.exists():

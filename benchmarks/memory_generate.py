@@ -11,7 +11,12 @@ samples is missed) beside the time of each call. Modes:
   weight pre-packing off, the VAE in tiles of a quarter of the latent side;
 - `lean-unet`: the same with the UNet graphs kept open between generations (the text encoder and the
   VAE still load per phase), the plan a budget picks before reloading the UNet every image;
+- `lean-per-call`: lean, with each UNet graph opened for each call and dropped after (PerCallGraph),
+  so the encoder and decoder never hold their weights at once: for the fp32-w16 variants, whose
+  memory-mapped weights open in milliseconds;
 - `budget:2GiB`: `memory_budget`, which plans (the plan's line is recorded) or refuses up front.
+Precisions: fp32, fp16, int8, and fp32-w16 / int8-w16 for the fp16-weights variants
+(`effdiff-export fp16-weights`: fp32 compute, weights stored fp16 and kept fp16 by lean options).
 `--unet-rows 1` runs the UNet's two guidance rows one at a time in the non-budget modes (a budget's
 plan chooses that itself). `--lean-options` names the ONNX Runtime option set of the lean modes (from
 benchmarks/memory.py; default: the runtime's own, which budgets use too).
@@ -32,7 +37,8 @@ from pathlib import Path
 from int8_reference import machine  # benchmarks/ is this script's folder, so it is on sys.path
 from memory import OPTION_SETS, fresh_row
 
-MODES = ("resident", "lean-unet", "lean")  # and budget:SIZE
+MODES = ("resident", "lean-unet", "lean", "lean-per-call")  # and budget:SIZE
+W16_SUFFIX = "-w16"  # a precision such as fp32-w16 runs the `effdiff-export fp16-weights` variants
 
 
 def measure_one(
@@ -57,7 +63,7 @@ def measure_one(
 
     row: dict = {"precision": precision, "mode": mode, "size": size, "steps": steps, "schedule": schedule}
     row["unet_rows"] = unet_rows
-    lean = mode in ("lean", "lean-unet")
+    lean = mode in ("lean", "lean-unet", "lean-per-call")
     budget = mode.split(":", 1)[1] if mode.startswith("budget:") else None
     row["lean_options"] = lean_options if lean and lean_options else None
     row["resident_options"] = resident_options if mode == "resident" else None
@@ -67,10 +73,19 @@ def measure_one(
         options = OPTION_SETS[resident_options]
     else:  # resident and budgets: the runtime's own options (a budget's plan sets its own)
         options = None
-    backend = get_backend("ort", session_options=options)
-    pipe = Pipeline.load(artifacts, backend=backend, precision=precision, lean=lean, memory_budget=budget)
+    w16 = precision.endswith(W16_SUFFIX)  # fp32-w16: the fp16-weights variants
+    backend = get_backend("ort", session_options=options, fp16_weights=w16)
+    pipe = Pipeline.load(
+        artifacts,
+        backend=backend,
+        precision=precision.removesuffix(W16_SUFFIX),
+        lean=lean,
+        memory_budget=budget,
+    )
     if mode == "lean-unet":
         pipe.graphs.resident = KeySchedule.parse(schedule).graphs
+    if mode == "lean-per-call":
+        pipe.graphs.per_call = KeySchedule.parse(schedule).graphs
     if budget is None:
         pipe.unet_rows = unet_rows
     row["baseline_gib"] = psutil.Process().memory_info().rss / 2**30

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,11 @@ def variant_name(precision: Precision | str, fmt: str = "onnx", tag: str = "") -
     value = Precision.parse(precision).value
     name = value if fmt == "onnx" else f"{fmt}-{value}"
     return f"{name}-{tag}" if tag else name
+
+
+# The tag of ONNX variants whose weights are stored fp16 and computed in fp32 ("fp32-w16", written by
+# `effdiff-export fp16-weights`): what a CPU holds in half the memory (effdiff.export.weights).
+W16_TAG = "w16"
 
 
 # ---------------------------------------------------------------- atomic writes and hashes
@@ -147,6 +152,21 @@ class FileRecord:
     @classmethod
     def of(cls, path: Path) -> FileRecord:
         return cls(Path(path).stat().st_size, sha256_file(path))
+
+
+def move_into_place(
+    files: list[Path], folder: Path, graph_file: str, replaced: Mapping[str, FileRecord] | None = None
+) -> dict[str, FileRecord]:
+    """Move a variant's files, written in a temporary folder inside `folder`, into place: data first and
+    the graph last, so a run killed in between leaves no graph that looks complete; then remove the
+    files of the variant it replaces that it no longer uses. Returns the files' records."""
+    records: dict[str, FileRecord] = {}
+    for f in sorted(files, key=lambda p: p.name == graph_file):
+        records[f.name] = FileRecord.of(f)
+        os.replace(f, Path(folder) / f.name)
+    for stale in set(replaced or {}) - set(records):
+        (Path(folder) / stale).unlink(missing_ok=True)
+    return records
 
 
 def _files_json(files: dict[str, FileRecord]) -> dict[str, Any]:
@@ -265,16 +285,15 @@ class Manifest:
         return build_specs(self.geometry, dtype, self.tokenizer.vocab_size)
 
     def spec(self, graph: str, variant: Variant) -> GraphSpec:
-        """The spec a variant runs with; an INT8 one says so in its meta ("quantized", and
-        "fp16_weights" when its float layers' weights are stored fp16), which a backend's options may
-        key on (weight pre-packing, keeping fp16 weights fp16)."""
+        """The spec a variant runs with; its meta says "quantized" for INT8 graphs and "fp16_weights"
+        when float weights are stored fp16 (INT8 graphs' float layers, `fp32-w16` variants), which a
+        backend's options may key on (weight pre-packing, keeping fp16 weights fp16)."""
         spec = self.specs(variant.precision)[graph]
-        if variant.precision is Precision.INT8:
-            fp16 = variant.meta.get("float_weights") == "fp16"
-            spec = replace(
-                spec, meta={**spec.meta, "quantized": True, **({"fp16_weights": True} if fp16 else {})}
-            )
-        return spec
+        meta = {
+            **({"quantized": True} if variant.precision is Precision.INT8 else {}),
+            **({"fp16_weights": True} if variant.meta.get("float_weights") == "fp16" else {}),
+        }
+        return replace(spec, meta={**spec.meta, **meta}) if meta else spec
 
     def variants(self, graph: str) -> dict[str, Variant]:
         return self.graphs.get(graph, {})
@@ -288,6 +307,9 @@ class Manifest:
         how = {
             "int8": "run `effdiff-export int8 --artifacts DIR`",
             "fp16": "run `effdiff-export onnx --precision fp16` into this folder",
+            variant_name(
+                Precision.FP32, "onnx", W16_TAG
+            ): "run `effdiff-export fp16-weights --artifacts DIR`",
         }.get(name, "re-run the export")
         fmt, _, rest = name.partition("-")
         precision, _, tag = rest.partition("-")
@@ -302,9 +324,12 @@ class Manifest:
     ) -> Variant | None:
         """The variant of format `fmt` a pipeline at `precision` runs for `graph`: the same precision
         when the folder has it; else, for graphs that have no INT8 form (text encoder, VAE), the best
-        float variant."""
+        float variant. With the fp16-weights tag (W16_TAG) an INT8 UNet graph is the plain INT8 one: its
+        float layers' storage is its own (meta "float_weights")."""
         want = Precision.parse(precision)
         found = self.variants(graph)
+        if tag == W16_TAG and want is Precision.INT8 and graph in UNET_GRAPHS:
+            tag = ""
         if variant_name(want, fmt, tag) in found:
             return found[variant_name(want, fmt, tag)]
         if want is Precision.INT8 and graph not in UNET_GRAPHS:

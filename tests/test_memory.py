@@ -293,7 +293,7 @@ def test_fp16_weights_stay_fp16_when_asked(tmp_path: Path) -> None:
     32 MiB fp16), each option in a fresh process, pre-packing off in both (it copies float weights)."""
     from onnx import TensorProto, helper, numpy_helper, save
 
-    from effdiff.calib.quantize import store_float_weights_fp16
+    from effdiff.export.weights import store_float_weights_fp16
 
     k = 4096
     w = np.random.default_rng(0).standard_normal((k, k)).astype(np.float32)
@@ -330,3 +330,36 @@ print(json.dumps({{"session": session, "y": out[0, :8].tolist(), "level": level}
     assert "EXTENDED" in kept["level"] and "ALL" in folded["level"]
     assert folded["session"] - kept["session"] > 24 << 20, (kept, folded)  # fp32 copy vs fp16 weights
     np.testing.assert_allclose(kept["y"], folded["y"], rtol=1e-5)
+
+
+def test_profile_counts_memory_mapped_weights_once_touched(tmp_path: Path) -> None:
+    """A session that keeps fp16-stored weights memory-mapped from their file holds almost nothing
+    until a run touches them; the profile's resident figure is taken after a run, so it holds them, and
+    a run adds the Cast's transient fp32 copy (64 MiB), not the weights again (a 4096x4096 MatMul, 32
+    MiB of fp16 weights in an external data file, lean options)."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from effdiff.export.weights import store_float_weights_fp16
+
+    k = 4096
+    w = np.random.default_rng(0).standard_normal((k, k)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [numpy_helper.from_array(w, "w")]
+    )
+    model = _onnx_model(graph)
+    store_float_weights_fp16(model)
+    save(model, tmp_path / "g.onnx", save_as_external_data=True, location="g.onnx.data")
+    script = f"""
+import json
+from effdiff.runtime.backends.ort import OrtGraph
+from effdiff.runtime.memory import OPTION_SETS, _measure
+from effdiff.specs import Axis, GraphSpec, TensorSpec
+io = lambda name: (TensorSpec(name, "float32", (Axis(size=1), Axis(size={k}))),)
+spec = GraphSpec("unet_decoder", io("x"), io("y"), meta={{"fp16_weights": True}})
+cost = _measure({str(tmp_path / "g.onnx")!r}, spec, "lean", ["CPUExecutionProvider"], ((1, 1), (2, 2)), 1)
+print(json.dumps({{"resident": cost.resident, "activation": cost.activation(1, 4)}}))
+"""
+    got = _fresh_process(script)
+    assert 28 << 20 < got["resident"] < 64 << 20 and 60 << 20 < got["activation"] < 90 << 20, got

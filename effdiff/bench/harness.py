@@ -45,6 +45,7 @@ class BenchConfig:
     backend: str = "ort"  # ort, torch, trt, coreml: rows of other backends are named CONFIG@BACKEND
     kb: Path | None = None  # retrieval start from this knowledge base (its adaptive jumps)
     memory_budget: str | None = None  # a pipeline that plans every call to fit this budget ("2GiB")
+    fp16_weights: bool = False  # the fp32-w16 variants (`effdiff-export fp16-weights`)
 
 
 def with_backends(configs: list[BenchConfig], backends: list[str]) -> list[BenchConfig]:
@@ -79,10 +80,11 @@ def parse_configs(
     names: list[str], sampler: str, steps: int, kb: Path | Sequence[Path] | None = None
 ) -> list[BenchConfig]:
     """Configurations composed with `+`: a schedule part (`full`, `fd` = the sampler's encoder-propagation
-    schedule, `fd:SCHEDULE`, `cache:N` = DeepCache's recipe every N steps) and modifiers (`int8`, `kb` =
-    retrieval start from a knowledge base, `budget:SIZE` = the runtime's memory plan for that budget,
-    whose lean plans load graphs during the run). Examples: `full`, `fd`, `fd:uniform:4`, `cache:3`,
-    `int8`, `fd+int8`, `cache:3+int8`, `kb`, `kb+fd`, `kb+cache:3`, `kb+fd+int8`, `fd+int8+budget:2GiB`.
+    schedule, `fd:SCHEDULE`, `cache:N` = DeepCache's recipe every N steps) and modifiers (`int8`, `w16` =
+    weights stored fp16 (the fp32-w16 variants), `kb` = retrieval start from a knowledge base,
+    `budget:SIZE` = the runtime's memory plan for that budget, whose lean plans load graphs during the
+    run). Examples: `full`, `fd`, `fd:uniform:4`, `cache:3`, `int8`, `fd+int8`, `cache:3+int8`, `kb`,
+    `kb+fd`, `kb+cache:3`, `kb+fd+int8`, `fd+int8+budget:2GiB`, `fd+w16+budget:3GiB`.
     With several KBs, each `kb` configuration starts from the one built on its own schedule (`kb build
     --propagation`), since a KB's keys are latents of that schedule's trajectories; the first KB when
     none matches."""
@@ -93,6 +95,7 @@ def parse_configs(
         precision: Precision | None = None
         wants_kb = False
         budget: str | None = None
+        w16 = False
         for part in name.split("+"):
             if part in ("full", "fd") or part.startswith(("fd:", "cache:")):
                 if schedule is not None:
@@ -105,6 +108,8 @@ def parse_configs(
                     schedule = KeySchedule.parse(part[3:] if part.startswith("fd:") else part)
             elif part == "int8":
                 precision = Precision.INT8
+            elif part == "w16":
+                w16 = True
             elif part.startswith("budget:"):
                 from effdiff.runtime.memory import parse_size
 
@@ -117,18 +122,20 @@ def parse_configs(
             else:
                 raise EffdiffError(
                     f"unknown configuration part {part!r} in {name!r}; use full, fd, fd:SCHEDULE, cache:N, "
-                    "int8, kb, budget:SIZE, joined with +"
+                    "int8, w16, kb, budget:SIZE, joined with +"
                 )
         schedule = schedule or KeySchedule.none()
         retrieval = _kb_for(schedule, kbs) if wants_kb else None
-        out.append(BenchConfig(name, schedule, precision, kb=retrieval, memory_budget=budget))
+        out.append(
+            BenchConfig(name, schedule, precision, kb=retrieval, memory_budget=budget, fp16_weights=w16)
+        )
     if "full" not in [c.name for c in out]:
         out.insert(0, BenchConfig("full", KeySchedule.none()))  # quality is measured against it
     return out
 
 
-def _pipe_key(config: BenchConfig) -> tuple[str, Precision | None, str | None]:
-    return config.backend, config.precision, config.memory_budget
+def _pipe_key(config: BenchConfig) -> tuple[str, Precision | None, str | None, bool]:
+    return config.backend, config.precision, config.memory_budget, config.fp16_weights
 
 
 def _kb_for(schedule: KeySchedule, kbs: list[Path]) -> Path:
@@ -309,6 +316,8 @@ class EffdiffRunner(Runner):
         if config.backend != "ort":
             self.detail += f", {pipe.backend.describe()} {pipe.precision.value}"
         self.graphs = ("text_encoder", *config.propagation.graphs, "vae_decoder")
+        if config.fp16_weights:
+            self.detail += ", fp16 weights"
         if config.memory_budget is not None:
             self.detail += f", budget {config.memory_budget}"
         # opening counts as load, not as the first run; under a budget the plan decides what stays
@@ -460,9 +469,9 @@ def run_bench(
     for p in peers:
         if p not in PEERS:
             raise EffdiffError(f"unknown peer {p!r}; peers: {', '.join(PEERS)}")
-    # One pipeline per (backend, precision, budget), loaded before anything runs: a missing variant or
-    # a backend this machine lacks is named in one line now, not after the first configurations ran.
-    pipes: dict[tuple[str, Precision | None, str | None], Pipeline] = {}
+    # One pipeline per (backend, precision, budget, weights), loaded before anything runs: a missing
+    # variant or a backend this machine lacks is named in one line now, not after the first ones ran.
+    pipes: dict[tuple[str, Precision | None, str | None, bool], Pipeline] = {}
     for cfg in configs:
         key = _pipe_key(cfg)
         if key not in pipes:
@@ -473,6 +482,7 @@ def run_bench(
                 providers=ort_providers,
                 precision=cfg.precision,
                 memory_budget=cfg.memory_budget,
+                fp16_weights=cfg.fp16_weights,
             )
         for graph in cfg.propagation.graphs:
             pipes[key].require((graph,))

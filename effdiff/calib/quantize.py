@@ -37,10 +37,11 @@ from tqdm import tqdm
 
 from effdiff import __version__
 from effdiff._deps import require
-from effdiff.artifacts import FileRecord, Manifest, Variant, folder_lock, variant_file
+from effdiff.artifacts import Manifest, Variant, folder_lock, move_into_place, variant_file
 from effdiff.calib.capture import CACHE_GRAPHS, CalibrationSet, CaptureSettings, capture, random_feeds
 from effdiff.compare import Comparison, relative_l2
 from effdiff.errors import EffdiffError
+from effdiff.export.weights import store_float_weights_fp16
 from effdiff.profiling import PeakRSS
 from effdiff.runtime.backends.ort import OrtBackend
 from effdiff.specs import UNET_GRAPHS, GraphSpec, Precision
@@ -465,39 +466,6 @@ def _quantize_file(
     return layers, qdq
 
 
-def store_float_weights_fp16(model: Any, ops: tuple[str, ...] = STATIC_OPS) -> int:
-    """Store each float32 initializer that only Conv/MatMul/Gemm nodes read (the weights and float biases
-    of the layers kept in float) as float16, read back through a Cast to float32. Initializers that
-    overflow float16 stay float32. Returns the bytes saved."""
-    require("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    readers: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add(node.op_type)
-    graph_inputs = {i.name for i in model.graph.input}
-    casts, saved = [], 0
-    for init in model.graph.initializer:
-        ops_reading = readers.get(init.name, set())
-        if init.data_type != TensorProto.FLOAT or not ops_reading or not ops_reading <= set(ops):
-            continue
-        if init.name in graph_inputs:  # an overridable initializer: its type is part of the interface
-            continue
-        value = numpy_helper.to_array(init)
-        half = value.astype(np.float16)
-        if not np.isfinite(half).all():
-            continue
-        name, stored = init.name, f"{init.name}__fp16"
-        init.CopyFrom(numpy_helper.from_array(half, stored))
-        casts.append(helper.make_node("Cast", [stored], [name], name=f"{stored}_cast", to=TensorProto.FLOAT))
-        saved += value.nbytes - half.nbytes
-    nodes = [*casts, *model.graph.node]  # a Cast before every reader keeps the graph topologically sorted
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return saved
-
-
 def float_consumers_read_float(model: Any, allowed: tuple[str, ...] = STATIC_OPS) -> int:
     """onnxruntime routes every consumer of a quantized activation through its DequantizeLinear, float
     ops included (a skip tensor feeding a quantized Conv and a Concat). Give those float consumers the
@@ -726,15 +694,9 @@ def _one_graph(
                 _validate(graph, artifacts / fp32.file, dest, spec, holdout) if holdout else ([], {})
             )
         outputs = [dest, *work.glob(f"{file}.data")]
-        records: dict[str, FileRecord] = {}
-        for f in sorted(outputs, key=lambda p: p.name == file):  # data first, the graph last
-            records[f.name] = FileRecord.of(f)
-            os.replace(f, artifacts / f.name)
+        records = move_into_place(outputs, artifacts, file, old.files if old is not None else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if old is not None:
-        for stale in set(old.files) - set(records):
-            (artifacts / stale).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     variant = Variant(
         name=name,

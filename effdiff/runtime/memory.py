@@ -73,6 +73,12 @@ FALLBACK_ACTIVATION_PER_ROW_PIXEL = {"standard": 500_000.0, "fused": 240_000.0}
 FALLBACK_VAE_ACTIVATION_PER_PIXEL = {"default": 700_000.0, "lean": 600_000.0}
 
 
+def option_set(name: str, providers: list[str]) -> dict[str, Any]:
+    """An option set's ONNX Runtime options for a backend with these providers: "default" is what that
+    backend opens sessions with unless told otherwise (default_session_options)."""
+    return default_session_options(providers) if name == "default" else dict(OPTION_SETS[name])
+
+
 def parse_size(text: str) -> int:
     """'2GiB', '1.5 GB', '800MiB', '3e9' -> bytes; EffdiffError for anything else."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?)?\s*", str(text).lower())
@@ -130,7 +136,10 @@ class MemoryProfile:
             # planned 3 and 6 GiB budgets (SD1.5 INT8, 512x512) that peaked at 3.55 and 6.91 GiB, and
             # the fresh-process one still reads the VAE's below what a whole run meets (README).
             return dataclasses.replace(found, floor_per_unit=activation)
-        return GraphCost(variant.size_bytes * resident, variant.size_bytes * (create - resident), activation)
+        weights = variant.size_bytes
+        if options == "default" and _stores_fp16(variant) and variant.precision.value == "fp32":
+            weights *= 2  # ONNX Runtime's defaults fold fp16-stored weights into fp32 copies
+        return GraphCost(weights * resident, weights * (create - resident), activation)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -156,11 +165,19 @@ class MemoryProfile:
             return None
 
 
+def _stores_fp16(variant: Variant) -> bool:
+    """Float weights stored fp16 behind Casts (`fp32-w16` variants, INT8 graphs' float layers)."""
+    return variant.meta.get("float_weights") == "fp16"
+
+
 def _width_scale(variant: Variant) -> float:
     """Activations of a graph without a profile: proportional to its weights' share of SD1.5's UNet
     (3.3 GB fp32), a coarse stand-in for its channel widths, counted at fp32 size (an INT8 graph's
     activations are still mostly float); fp16 halves them."""
-    weights = variant.size_bytes * {"fp16": 2, "int8": 4}.get(variant.precision.value, 1)
+    fp32_stored_fp16 = variant.precision.value == "fp32" and _stores_fp16(variant)
+    weights = variant.size_bytes * {"fp16": 2, "int8": 4}.get(
+        variant.precision.value, 2 if fp32_stored_fp16 else 1
+    )
     return max(0.02, min(1.0, weights / 3.3e9)) * (0.5 if variant.precision.value == "fp16" else 1.0)
 
 
@@ -174,13 +191,10 @@ class MemoryPlan:
     measured: bool  # from a memory profile, not fallback factors
     rank: int = 0  # position among the candidate plans, fastest first
     unet_rows: int | None = None  # UNet batch rows per call (None: the whole batch at once)
+    unet_per_call: bool = False  # UNet graphs opened for each call, one at a time (PerCallGraph)
 
     def session_options(self, providers: list[str]) -> dict[str, Any]:
-        """The plan's ONNX Runtime options for a backend with these providers: "default" is what that
-        backend opens sessions with unless told otherwise (default_session_options)."""
-        if self.options == "default":
-            return default_session_options(providers)
-        return dict(OPTION_SETS[self.options])
+        return option_set(self.options, providers)
 
     def describe(self) -> str:
         loading = (
@@ -202,6 +216,8 @@ class MemoryPlan:
             parts.append(f"VAE in tiles of {self.vae_tile} latents")
         if self.unet_rows:
             parts.append(f"UNet on {self.unet_rows} row{'s' if self.unet_rows > 1 else ''} per call")
+        if self.unet_per_call:
+            parts.append("UNet graphs opened for each call, one at a time")
         source = (
             "measured profile"
             if self.measured
@@ -231,27 +247,34 @@ def plan_memory(
     need when none does. Plans, fastest first: everything resident; UNet graphs resident and the text
     encoder and VAE loaded per phase; one component at a time; then each with lean ORT options; then
     with the VAE in ever smaller tiles, first with the UNet graphs resident (a tile costs the VAE a
-    little, reloading the UNet every generation costs its whole session creation), then without; last,
-    with the UNet's guidance rows run one at a time (`RowSplitGraph`: half its activation peak)."""
+    little, reloading the UNet every generation costs its whole session creation), then without; then
+    with the UNet's guidance rows run one at a time (`RowSplitGraph`: half its activation peak); last,
+    when every UNet graph stores its weights fp16 (memory-mapped, kept fp16 by lean options: sessions
+    open in milliseconds), with each UNet graph opened for each call, so only one holds its weights."""
     profile = profile or MemoryProfile()
     measured = bool(profile.costs)
     attention = str(manifest.recipe.get("attention", "standard"))
     pixels = latent_hw[0] * latent_hw[1]
     phases = {"text": ("text_encoder",), "unet": unet_graphs, "vae": ("vae_decoder",)}
-    # (resident graphs, option set, VAE tile, UNet rows per call)
-    candidates: list[tuple[tuple[str, ...], str, int | None, int | None]] = []
+    # (resident graphs, option set, VAE tile, UNet rows per call, UNet graphs opened per call)
+    candidates: list[tuple[tuple[str, ...], str, int | None, int | None, bool]] = []
     side = min(latent_hw)
     tiles = [t for t in (side // 2, side // 4) if t >= 8]
     for options in ("default", "lean"):
-        candidates += [(r, options, None, None) for r in (("*",), unet_graphs, ())]
-    candidates += [(unet_graphs, "lean", t, None) for t in tiles] + [((), "lean", t, None) for t in tiles]
+        candidates += [(r, options, None, None, False) for r in (("*",), unet_graphs, ())]
+    candidates += [(unet_graphs, "lean", t, None, False) for t in tiles]
+    candidates += [((), "lean", t, None, False) for t in tiles]
+    tile = tiles[-1] if tiles else None
     if rows > 1:
-        tile = tiles[-1] if tiles else None
-        candidates += [(unet_graphs, "lean", tile, 1), ((), "lean", tile, 1)]
+        candidates += [(unet_graphs, "lean", tile, 1, False), ((), "lean", tile, 1, False)]
+    if all(_stores_fp16(variants[g]) and variants[g].precision.value == "fp32" for g in unet_graphs):
+        candidates += [((), "lean", tile, None, True)] + ([((), "lean", tile, 1, True)] if rows > 1 else [])
 
     images = max(1, rows // 2)  # the VAE decodes images, not the guidance rows
 
-    def peak(resident: tuple[str, ...], options: str, tile: int | None, unet_rows: int | None) -> float:
+    def peak(
+        resident: tuple[str, ...], options: str, tile: int | None, unet_rows: int | None, per_call: bool
+    ) -> float:
         # (rows, latent pixels) each phase runs its graphs at
         args = {
             "text": (rows, pixels),
@@ -268,25 +291,30 @@ def plan_memory(
             others = sum(
                 profile.cost(g, variants[g], options, attention).resident for g in kept if g not in graphs
             )
-            opened = sum(c.resident for c in costs)
-            creating = max(c.create_extra for c in costs)  # one session is created at a time
-            act = max(c.activation(*args[name]) for c in costs)
-            worst = max(worst, others + opened + max(creating, act))
+            if per_call and name == "unet":  # one graph open at a time
+                held = max(c.resident + max(c.create_extra, c.activation(*args[name])) for c in costs)
+            else:
+                opened = sum(c.resident for c in costs)
+                creating = max(c.create_extra for c in costs)  # one session is created at a time
+                held = opened + max(creating, max(c.activation(*args[name]) for c in costs))
+            worst = max(worst, others + held)
         return baseline + worst
 
     estimates = []
-    for rank, (resident, options, tile, unet_rows) in enumerate(candidates):
-        estimate = peak(resident, options, tile, unet_rows)
+    for rank, (resident, options, tile, unet_rows, per_call) in enumerate(candidates):
+        estimate = peak(resident, options, tile, unet_rows, per_call)
         estimates.append(estimate)
         if estimate <= budget * SAFETY:
-            return MemoryPlan(budget, estimate, resident, options, tile, measured, rank, unet_rows)
+            return MemoryPlan(budget, estimate, resident, options, tile, measured, rank, unet_rows, per_call)
     need = min(estimates) / SAFETY
     int8 = all(variants[g].precision.value == "int8" for g in unet_graphs)
+    w16 = any(_stores_fp16(v) and v.precision.value == "fp32" for v in variants.values())
+    other = "" if int8 else "--precision int8, " if w16 else "--precision int8 or --fp16-weights, "
     raise EffdiffError(
         f"no plan fits a memory budget of {budget / 2**30:.2f} GiB: the leanest (one component at a time, "
         f"lean ORT options, VAE tiles, UNet rows one at a time) needs about {need / 2**30:.2f} GiB "
         f"({'measured profile' if measured else 'estimate from weights'}); try a smaller size, "
-        f"{'' if int8 else '--precision int8, '}or a larger budget"
+        f"{other}or a larger budget"
     )
 
 
@@ -344,34 +372,48 @@ def _measure(
     sizes: tuple[tuple[int, int], ...],
     rows: int,
 ) -> GraphCost:
-    """In a fresh process: create one session, run it at each size; its GraphCost."""
+    """In a fresh process: create one session, run it once to settle, then at each size; its GraphCost.
+    Resident is what the session holds after a run, with the arena given back and freed heap trimmed:
+    weights memory-mapped from their file (fp16-stored ones kept fp16) count in RSS only once a run
+    has touched them (the SD1.5 decoder's `fp32-w16` session: 19 MiB after creation, its 0.96 GiB of
+    weights after a run). Activations are each run's peak above that."""
     import psutil
 
     from effdiff.profiling import PeakRSS
-    from effdiff.runtime.backends.ort import OrtBackend
+    from effdiff.runtime.backends.ort import OrtBackend, default_providers
+    from effdiff.runtime.graphs import give_back_freed_memory
 
     proc = psutil.Process()
-    backend = OrtBackend(providers, session_options=OPTION_SETS[options])
+    providers = providers or default_providers()
+    backend = OrtBackend(providers, session_options=option_set(options, providers))
     with PeakRSS(0.002) as create:
         handle = backend.open(path, spec)
-    steady = proc.memory_info().rss
+    created = proc.memory_info().rss
+    ordered = sorted(sizes, key=lambda hw: hw[0] * hw[1])
+    feeds = []
+    for sh, sw in ordered:
+        f = spec.sample_inputs(rows, sh, sw, np.random.default_rng(0), timesteps=np.full(rows, 501.0))
+        if "input_ids" in f:
+            f["input_ids"] = np.minimum(f["input_ids"], 256)
+        feeds.append(f)
+    handle.run(feeds[0])
+    handle.end_phase()
+    give_back_freed_memory()
+    steady = max(created, proc.memory_info().rss)
     resident = float(steady - create.baseline_bytes)
     peaks = []
-    # smallest first, each peak above the session: the larger run reuses what the smaller one left
-    # in the arena or heap, and is still measured whole
-    for sh, sw in sorted(sizes, key=lambda hw: hw[0] * hw[1]):
-        feeds = spec.sample_inputs(rows, sh, sw, np.random.default_rng(0), timesteps=np.full(rows, 501.0))
-        if "input_ids" in feeds:
-            feeds["input_ids"] = np.minimum(feeds["input_ids"], 256)
+    # smallest first, each peak above the settled session: the larger run reuses what the smaller one
+    # left in the arena or heap, and is still measured whole
+    for (sh, sw), f in zip(ordered, feeds, strict=True):
         with PeakRSS(0.002) as run:
-            handle.run(feeds)
+            handle.run(f)
         peaks.append((sh * sw, max(0.0, run.peak_bytes - steady)))
     (p2, a2), (p1, a1) = peaks
     exponent = (
         1.0 if a1 <= 0 or a2 <= 0 or p1 == p2 else float(np.clip(np.log(a1 / a2) / np.log(p1 / p2), 0.5, 2.0))
     )
     per_unit = a1 / (rows * p1**exponent) if a1 > 0 else 0.0
-    create_extra = max(0.0, create.peak_bytes - create.baseline_bytes - resident)
+    create_extra = max(0.0, create.peak_bytes - created)
     return GraphCost(resident, create_extra, per_unit, exponent, True)
 
 

@@ -170,7 +170,7 @@ class Pipeline:
             found = {g: manifest.find(g, precision, self.format, self.tag) for g in GRAPHS}
         self.variants = {g: v for g, v in found.items() if v is not None}
         self.specs = {g: manifest.spec(g, v) for g, v in self.variants.items()}
-        self.graphs = GraphSet({g: self._loader(g) for g in GRAPHS}, resident)
+        self.graphs = GraphSet({g: self._loader(g) for g in GRAPHS}, resident, self.specs)
         # UNet batch rows per graph call (None: all at once); a memory plan sets 1 to run the two
         # guidance rows one after the other when the whole batch's activations do not fit
         self.unet_rows: int | None = None
@@ -185,13 +185,15 @@ class Pipeline:
         precision: Precision | str | None = None,
         verify: bool = False,
         memory_budget: int | str | None = None,
+        fp16_weights: bool = False,
     ) -> Pipeline:
         """Read and check the manifest and the files a run needs; open no graph yet. Graphs open on first
         use (so a run opens only those its schedule needs, and bad arguments are refused before any
         expensive work); `open_graph` opens one ahead of time. Files are checked by size, and by sha256
         when they changed since they were last verified, or always with `verify=True`. With a
         `memory_budget` (bytes or text such as "2GiB"), every call plans how to fit it first
-        (`effdiff.runtime.memory`) or refuses in one line."""
+        (`effdiff.runtime.memory`) or refuses in one line. `fp16_weights` runs the ort backend's
+        `fp32-w16` variants (weights stored fp16, computed fp32; INT8 UNet graphs as they are)."""
         if not isinstance(artifacts, str | Path):
             raise EffdiffError(f"artifacts must be a folder path, got {type(artifacts).__name__}")
         artifacts = Path(artifacts)
@@ -201,8 +203,11 @@ class Pipeline:
             not isinstance(providers, list | tuple) or not all(isinstance(p, str) for p in providers)
         ):
             raise EffdiffError(f"providers must be a list of execution provider names, got {providers!r}")
+        if fp16_weights and backend != "ort":
+            raise EffdiffError("fp16 weights are the ort backend's fp32-w16 variants (backend='ort')")
         if isinstance(backend, str):
-            backend = get_backend(backend, **({"providers": list(providers)} if providers else {}))
+            options: dict[str, Any] = {"providers": list(providers)} if providers else {}
+            backend = get_backend(backend, **options, **({"fp16_weights": True} if fp16_weights else {}))
         source, fmt = builds_from_source(backend), backend.formats[0]
         try:
             requested = Precision.parse(precision) if precision is not None else None
@@ -212,6 +217,8 @@ class Pipeline:
                 chosen = requested or manifest.default_precision(fmt)
         except ValueError as exc:
             raise EffdiffError(str(exc)) from None
+        if fp16_weights and chosen is Precision.FP16:
+            raise EffdiffError("fp16 weights are for fp32 or int8 runs: an fp16 graph stores fp16 already")
         for graph in ("text_encoder", "vae_decoder"):
             if not source:  # a missing variant is named now; UNet graphs by `plan`
                 manifest.choose(graph, chosen, fmt, getattr(backend, "variant_tag", ""))
@@ -504,6 +511,7 @@ class Pipeline:
                 self.graphs.release(name)
             self.backend.session_options = options  # type: ignore[attr-defined]
         self.graphs.resident = tuple(GRAPHS) if not plan.lean else plan.resident
+        self.graphs.per_call = schedule.graphs if plan.unet_per_call else ()
         self.unet_rows = plan.unet_rows
         return plan
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from effdiff._deps import require
+from effdiff.artifacts import W16_TAG
 from effdiff.errors import EffdiffError
 from effdiff.runtime.backends import first_line
 from effdiff.specs import GraphSpec
@@ -198,8 +199,13 @@ class OrtGraph:
         return dict(zip(self.spec.output_names, values, strict=True))
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.unload()
         self.end_phase()
+
+    def unload(self) -> None:
+        """Drop the session but leave the shared arena as it is, for the next graph's run (a graph
+        opened for each call, `PerCallGraph`); `end_phase` gives it back later."""
+        self.session = None  # type: ignore[assignment]
 
     def end_phase(self) -> None:
         """Between phases the shared arena's blocks would only sit there (the text encoder and the VAE
@@ -256,7 +262,8 @@ def _host(value: Any) -> np.ndarray:
 
 
 class OrtBackend:
-    """ONNX Runtime with the given execution providers (default: CUDA when present, then CPU)."""
+    """ONNX Runtime with the given execution providers (default: CUDA when present, then CPU).
+    `fp16_weights=True` runs the folder's `fp32-w16` variants (weights stored fp16, computed fp32)."""
 
     name = "ort"
     formats = ("onnx",)
@@ -267,8 +274,10 @@ class OrtBackend:
         threads: int | None = None,
         io_binding: bool | None = None,
         session_options: Mapping[str, Any] | None = None,
+        fp16_weights: bool = False,
     ) -> None:
         self.providers = check_providers(list(providers)) if providers else default_providers()
+        self.variant_tag = W16_TAG if fp16_weights else ""
         self.threads = threads
         self.io_binding = io_binding
         options = default_session_options(self.providers) if session_options is None else session_options
