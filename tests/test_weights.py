@@ -119,6 +119,10 @@ def test_mistakes_are_one_line_errors(sd1_artifacts: Path, w16_folder: Path, tmp
     assert_one_line_error(proc, "fp16 weights are for fp32 or int8 runs")
     with pytest.raises(EffdiffError, match="ort backend"):
         Pipeline.load(w16_folder, backend="torch", fp16_weights=True)
+    with pytest.raises(EffdiffError, match="OrtBackend"):
+        Pipeline.load(w16_folder, backend=OrtBackend(), fp16_weights=True)
+    tagged = Pipeline.load(w16_folder, backend=OrtBackend(fp16_weights=True), fp16_weights=True)
+    assert tagged.variants["unet_decoder"].name == "fp32-w16"
     proc = run("effdiff-export", "fp16-weights", "--artifacts", str(w16_folder), "--graphs", "unet_middle")
     assert_one_line_error(proc, "has no fp32 unet_middle")
     proc = run("effdiff-export", "fp16-weights", "--artifacts", str(tmp_path / "nothing"))

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from effdiff.artifacts import SCHEDULER_CONFIG, Manifest, Variant, check_files, read_json
+from effdiff.artifacts import SCHEDULER_CONFIG, W16_TAG, Manifest, Variant, check_files, read_json
 from effdiff.errors import EffdiffError
 from effdiff.runtime.backends import Backend, Graph, builds_from_source, get_backend
 from effdiff.runtime.graphs import FeedsCallback, GraphSet, RecordingGraph, RowSplitGraph, Usage
@@ -203,8 +203,11 @@ class Pipeline:
             not isinstance(providers, list | tuple) or not all(isinstance(p, str) for p in providers)
         ):
             raise EffdiffError(f"providers must be a list of execution provider names, got {providers!r}")
-        if fp16_weights and backend != "ort":
-            raise EffdiffError("fp16 weights are the ort backend's fp32-w16 variants (backend='ort')")
+        if fp16_weights and backend != "ort" and getattr(backend, "variant_tag", None) != W16_TAG:
+            raise EffdiffError(
+                "fp16 weights are the ort backend's fp32-w16 variants: backend='ort', or "
+                "OrtBackend(fp16_weights=True)"
+            )
         if isinstance(backend, str):
             options: dict[str, Any] = {"providers": list(providers)} if providers else {}
             backend = get_backend(backend, **options, **({"fp16_weights": True} if fp16_weights else {}))
