@@ -1,4 +1,5 @@
-"""INT8 on the reference model: prompt adherence of `int8`, `fd+int8` and `cache:3+int8` against fp32
+"""INT8 (and fp16-stored weights) on the reference model: prompt adherence of `int8`, `fd+int8`,
+`cache:3+int8` and the `fp16 weights` rows against fp32
 (held-in and held-out, 95 % Wilson intervals, final-image PSNR against the fp32 image of the same path), the
 calibration ablation (random inputs / whole-UNet inputs only / what each half sees under propagation),
 and what each calibration method costs.
@@ -28,11 +29,12 @@ import psutil
 from PIL import Image
 from reference_quality import generate  # benchmarks/ is this script's folder, so it is on sys.path
 
-from effdiff.artifacts import Manifest
+from effdiff.artifacts import W16_TAG, Manifest
 from effdiff.calib.capture import CaptureSettings, default_prompts
 from effdiff.calib.quantize import QuantizeOptions, quantize_artifacts
 from effdiff.compare import psnr
 from effdiff.export.onnx import export_onnx
+from effdiff.export.weights import store_weights_fp16
 from effdiff.reference.judge import Adherence, AttributeClassifier
 from effdiff.reference.scenes import REFERENCE_GUIDANCE, held_in_scenes, held_out_scenes
 from effdiff.runtime.backends.ort import OrtBackend
@@ -149,6 +151,10 @@ def main() -> None:
         print(f"| {SOURCES[source]} | {' | '.join(rel[g] for g in graphs)} |")
     print(flush=True)
 
+    w16 = args.work / "reference-w16"
+    copy_fp32(args.artifacts, w16)
+    store_weights_fp16(w16, progress=False)  # kept when already made from the same fp32 graphs
+
     # the main comparison first, so a run cut short still has it; PSNR against the fp32 image of the
     # same path once that path has run (fd+int8 against fd is printed after the table)
     configs = [
@@ -162,6 +168,11 @@ def main() -> None:
         # layers' fp16 weights, which puts the quantized convolutions on another kernel layout
         ("int8 lean", folders["propagation"], "int8", "none"),
         ("cache:3+int8 lean", folders["propagation"], "int8", "cache:3"),
+        # fp32 graphs with fp16-stored weights (`effdiff-export fp16-weights`): folded to fp32 copies at
+        # load with the default options, kept fp16 and cast at every call with lean ones
+        ("fp16 weights", w16, "fp32", "none"),
+        ("cache:3 fp16 weights", w16, "fp32", "cache:3"),
+        ("cache:3 fp16 weights lean", w16, "fp32", "cache:3"),
     ]
     if not args.skip_ablation:
         configs += [
@@ -188,7 +199,9 @@ def main() -> None:
             graphs = ("unet_encoder", "unet_decoder", "unet")
             if KeySchedule.parse(propagation).caches:  # the keys of the graphs the path runs too
                 graphs += KeySchedule.parse(propagation).graphs
-            keys = [v.recipe_key for g in graphs for v in [manifest.choose(g, precision)]]
+            fp16_weights = "fp16 weights" in name
+            tag = W16_TAG if fp16_weights else ""
+            keys = [v.recipe_key for g in graphs for v in [manifest.choose(g, precision, "onnx", tag)]]
             key = json.dumps(
                 [
                     split,
@@ -201,23 +214,23 @@ def main() -> None:
                     keys,
                     manifest.source.content_hash,
                     *(["lean"] if name.endswith(" lean") else []),
+                    *(["fp16 weights"] if fp16_weights else []),
                 ]
             )
-            if name.endswith(" lean"):
-                backend = OrtBackend(session_options=LEAN_OPTIONS)
-                pipe = Pipeline.load(folder, precision=precision, backend=backend, lean=True)
-            else:
-                pipe = Pipeline.load(folder, precision=precision)
+            lean = name.endswith(" lean")
+            backend = OrtBackend(session_options=LEAN_OPTIONS if lean else None, fp16_weights=fp16_weights)
+            pipe = Pipeline.load(folder, precision=precision, backend=backend, lean=lean)
             start = time.perf_counter()
             images = images_for(pipe, scenes, args, propagation, args.work / "images", key)
             per_image = (time.perf_counter() - start) / len(images)
-            if precision == "fp32":
+            reference = precision == "fp32" and not fp16_weights
+            if reference:
                 fp32_images[propagation] = images
             elif name in ("int8", "fd+int8"):  # (not the lean rows)
                 int8_images[name] = images
             adh = Adherence.of(clf.run(images)[0], scenes)
             ref = fp32_images.get(propagation)
-            shown = f"{mean_psnr(images, ref):.1f}" if ref is not None and precision != "fp32" else "—"
+            shown = f"{mean_psnr(images, ref):.1f}" if ref is not None and not reference else "—"
             cached = " (cached)" if per_image < 0.01 else ""
             print(
                 f"| {name} | {adh.describe('kind')} | {adh.describe('colour')} | {adh.mean:.3f} | {shown} | "

@@ -251,7 +251,7 @@ def export_int8_cmd(
 @user_errors
 def export_fp16_weights_cmd(artifacts: Path, graphs: str, quiet: bool) -> None:
     """fp32 graphs with their Conv/MatMul/Gemm weights stored fp16 (variant fp32-w16): half the disk, and
-    half the memory in lean runs on CPUs (`effdiff generate --fp16-weights --lean`)."""
+    half the memory in lean plans on CPUs (`effdiff generate --fp16-weights --memory-budget 2GiB`)."""
     from effdiff.export.weights import store_weights_fp16
 
     names = tuple(g for g in graphs.split(",") if g)
