@@ -286,16 +286,13 @@ print(json.dumps({{"held": held, "ended": ended, "again": again, "closed": rss()
     assert m["held"] - m["ended"] > 100 << 20 and m["again"] - m["closed"] > 100 << 20, m
 
 
-def test_fp16_weights_stay_fp16_when_asked(tmp_path: Path) -> None:
-    """A graph storing its weights fp16 behind Casts (INT8 graphs' float layers) is folded into fp32
-    copies by ONNX Runtime at session creation; with KEEP_FP16_WEIGHTS and a spec that says so, the
-    session holds the fp16 weights only and computes the same. A 4096x4096 MatMul weight (64 MiB fp32,
-    32 MiB fp16), each option in a fresh process, pre-packing off in both (it copies float weights)."""
+def _matmul_fp16_weights(path: Path, k: int, external: bool) -> None:
+    """`y = x @ w` with a k x k weight stored fp16 behind a Cast (store_float_weights_fp16), saved to
+    `path`, its weight in `path`.data when `external`."""
     from onnx import TensorProto, helper, numpy_helper, save
 
     from effdiff.export.weights import store_float_weights_fp16
 
-    k = 4096
     w = np.random.default_rng(0).standard_normal((k, k)).astype(np.float32)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])
@@ -304,7 +301,17 @@ def test_fp16_weights_stay_fp16_when_asked(tmp_path: Path) -> None:
     )
     model = _onnx_model(graph)
     assert store_float_weights_fp16(model) == k * k * 2
-    save(model, tmp_path / "g.onnx")
+    extra = {"save_as_external_data": True, "location": f"{path.name}.data"} if external else {}
+    save(model, path, **extra)
+
+
+def test_fp16_weights_stay_fp16_when_asked(tmp_path: Path) -> None:
+    """A graph storing its weights fp16 behind Casts (INT8 graphs' float layers) is folded into fp32
+    copies by ONNX Runtime at session creation; with KEEP_FP16_WEIGHTS and a spec that says so, the
+    session holds the fp16 weights only and computes the same. A 4096x4096 MatMul weight (64 MiB fp32,
+    32 MiB fp16), each option in a fresh process, pre-packing off in both (it copies float weights)."""
+    k = 4096
+    _matmul_fp16_weights(tmp_path / "g.onnx", k, external=False)
 
     def measure(keep: bool) -> dict[str, Any]:
         script = f"""
@@ -337,20 +344,8 @@ def test_profile_counts_memory_mapped_weights_once_touched(tmp_path: Path) -> No
     until a run touches them; the profile's resident figure is taken after a run, so it holds them, and
     a run adds the Cast's transient fp32 copy (64 MiB), not the weights again (a 4096x4096 MatMul, 32
     MiB of fp16 weights in an external data file, lean options)."""
-    from onnx import TensorProto, helper, numpy_helper, save
-
-    from effdiff.export.weights import store_float_weights_fp16
-
     k = 4096
-    w = np.random.default_rng(0).standard_normal((k, k)).astype(np.float32)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [numpy_helper.from_array(w, "w")]
-    )
-    model = _onnx_model(graph)
-    store_float_weights_fp16(model)
-    save(model, tmp_path / "g.onnx", save_as_external_data=True, location="g.onnx.data")
+    _matmul_fp16_weights(tmp_path / "g.onnx", k, external=True)
     script = f"""
 import json
 from effdiff.runtime.backends.ort import OrtGraph
