@@ -9,9 +9,9 @@ Every measurement runs in a fresh process, so one graph's allocations never hide
   (SD1.5 architecture: ~1 minute per graph and option set on 2 cores; prints a markdown table and
    writes benchmarks/results/memory_<artifacts>_<size>.json)
 
-`--variants fp32-w16 --options default,keep-fp16` measures the fp32 graph with its weights stored fp16:
-folded back to fp32 copies at session creation (ONNX Runtime's defaults), or kept fp16 and cast at
-every call.
+`--variants fp32-w16 --options default,keep-fp16` measures the fp32 graph with its weights stored fp16
+(the variant `effdiff-export fp16-weights` writes): folded back to fp32 copies at session creation
+(ONNX Runtime's defaults), or kept fp16 and cast at every call.
 """
 
 from __future__ import annotations
@@ -70,31 +70,7 @@ OPTION_SETS["runtime-lean"] = dict(LEAN_OPTIONS)
 OPTION_SETS["runtime-lean-fold-fp16"] = {**LEAN_OPTIONS, KEEP_FP16_WEIGHTS: False}
 
 
-W16 = "fp32-w16"  # pseudo-variant: the fp32 graph with its Conv/MatMul/Gemm weights stored fp16
-
-
-def fp16_weights_copy(artifacts: Path, graph: str, work: Path) -> Path:
-    """The fp32 graph with the weights only Conv/MatMul/Gemm read stored as fp16 and read through a Cast
-    to fp32 (what `effdiff-export int8` does to the layers it leaves in float), written once into `work`."""
-    import onnx
-
-    from effdiff.artifacts import Manifest
-    from effdiff.export.weights import store_float_weights_fp16
-
-    dest = work / f"{artifacts.name}-{graph}.w16.onnx"
-    if not dest.exists():
-        model = onnx.load(str(artifacts / Manifest.read(artifacts).variant(graph, "fp32").file))
-        store_float_weights_fp16(model)
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".tmp")
-        onnx.save(model, str(tmp), save_as_external_data=True, location=f"{dest.name}.data")
-        tmp.rename(dest)  # the data file is written under its final name before this rename
-    return dest
-
-
-def measure_one(
-    artifacts: Path, graph: str, variant: str, option_set: str, size: int, rows: int, work: Path
-) -> dict:
+def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size: int, rows: int) -> dict:
     """In this process: create the session, then run it twice at the size; RSS figures in GiB."""
     import numpy as np
     import onnxruntime as ort
@@ -104,12 +80,9 @@ def measure_one(
     from effdiff.runtime.backends.ort import OrtGraph
 
     manifest = Manifest.read(artifacts)
-    var = manifest.variant(graph, "fp32" if variant == W16 else variant)
+    var = manifest.variant(graph, variant)
     spec = manifest.spec(graph, var)
-    path = fp16_weights_copy(artifacts, graph, work) if variant == W16 else artifacts / var.file
-    disk = (
-        sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*")) if variant == W16 else var.size_bytes
-    )
+    path, disk = artifacts / var.file, var.size_bytes
     options = dict(OPTION_SETS[option_set])
     if "graph_optimization_level" in options:
         options["graph_optimization_level"] = getattr(
@@ -172,19 +145,14 @@ def main() -> None:
     parser.add_argument(
         "--graphs", default="text_encoder,unet_encoder,unet_decoder,unet,unet_shallow,vae_decoder"
     )
-    parser.add_argument(
-        "--variants", default="fp32", help=f"manifest variants, or {W16} (fp32 with fp16-stored weights)"
-    )
-    parser.add_argument(
-        "--work", type=Path, default=Path("runs/memory_w16"), help=f"where {W16} copies are written"
-    )
+    parser.add_argument("--variants", default="fp32", help="manifest variants (fp32, int8, fp32-w16 ...)")
     parser.add_argument("--options", default="default,lean")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if args.one:
         graph, variant, option_set = args.graphs, args.variants, args.options
-        row = measure_one(args.artifacts, graph, variant, option_set, args.size, args.rows, args.work)
+        row = measure_one(args.artifacts, graph, variant, option_set, args.size, args.rows)
         print(json.dumps(row))
         return
     from effdiff.bench.device import describe, device_profile
@@ -195,7 +163,7 @@ def main() -> None:
         for graph in args.graphs.split(","):
             for option_set in args.options.split(","):
                 options = ["--size", str(args.size), "--rows", str(args.rows), "--graphs", graph]
-                options += ["--variants", variant, "--options", option_set, "--work", str(args.work)]
+                options += ["--variants", variant, "--options", option_set]
                 row = fresh_row(__file__, args.artifacts, options, f"{graph} {variant} {option_set}")
                 if row is not None:
                     results.append(row)

@@ -154,6 +154,15 @@ class FileRecord:
         return cls(Path(path).stat().st_size, sha256_file(path))
 
 
+def files_in_place(folder: Path, records: Mapping[str, FileRecord]) -> bool:
+    """Whether every recorded file is in `folder` at its recorded size (a cheap check, no hashing:
+    what a resumed job relies on before keeping what an earlier run made)."""
+    return all(
+        (Path(folder) / n).is_file() and (Path(folder) / n).stat().st_size == r.size
+        for n, r in records.items()
+    )
+
+
 def move_into_place(
     files: list[Path], folder: Path, graph_file: str, replaced: Mapping[str, FileRecord] | None = None
 ) -> dict[str, FileRecord]:

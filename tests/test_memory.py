@@ -348,8 +348,7 @@ def test_profile_counts_memory_mapped_weights_once_touched(tmp_path: Path) -> No
     _matmul_fp16_weights(tmp_path / "g.onnx", k, external=True)
     script = f"""
 import json
-from effdiff.runtime.backends.ort import OrtGraph
-from effdiff.runtime.memory import OPTION_SETS, _measure
+from effdiff.runtime.memory import _measure
 from effdiff.specs import Axis, GraphSpec, TensorSpec
 io = lambda name: (TensorSpec(name, "float32", (Axis(size=1), Axis(size={k}))),)
 spec = GraphSpec("unet_decoder", io("x"), io("y"), meta={{"fp16_weights": True}})

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from effdiff import __version__
 from effdiff._deps import require
-from effdiff.artifacts import Manifest, Variant, folder_lock, move_into_place, variant_file
+from effdiff.artifacts import Manifest, Variant, files_in_place, folder_lock, move_into_place, variant_file
 from effdiff.calib.capture import CACHE_GRAPHS, CalibrationSet, CaptureSettings, capture, random_feeds
 from effdiff.compare import Comparison, relative_l2
 from effdiff.errors import EffdiffError
@@ -647,14 +647,7 @@ def _one_graph(
     name = Precision.INT8.value
     file = variant_file(graph, name)
     old = manifest.variants(graph).get(name)
-    if (
-        old is not None
-        and old.recipe_key == key
-        and all(
-            (artifacts / n).is_file() and (artifacts / n).stat().st_size == r.size
-            for n, r in old.files.items()
-        )
-    ):
+    if old is not None and old.recipe_key == key and files_in_place(artifacts, old.files):
         log(f"{graph}: INT8 with this source, calibration and options exists, kept")
         check = old.meta.get("qdq_check")
         return Int8GraphResult(

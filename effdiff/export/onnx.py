@@ -37,6 +37,7 @@ from effdiff.artifacts import (
     TokenizerInfo,
     Variant,
     check_writable_folder,
+    files_in_place,
     folder_lock,
     mark_verified,
     read_json,
@@ -207,7 +208,7 @@ def _recipe_key(source_hash: str, recipe: ExportRecipe) -> str:
 def _reusable(out: Path, variant: Variant | None, key: str) -> bool:
     if variant is None or variant.recipe_key != key or not variant.passed:
         return False
-    return all((out / n).is_file() and (out / n).stat().st_size == r.size for n, r in variant.files.items())
+    return files_in_place(out, variant.files)
 
 
 def _export_tokenizer(source: ModelSource, out: Path, geom: Geometry) -> TokenizerInfo:

@@ -28,6 +28,7 @@ from effdiff.artifacts import (
     W16_TAG,
     Manifest,
     Variant,
+    files_in_place,
     folder_lock,
     move_into_place,
     remove_stale_temporaries,
@@ -157,10 +158,7 @@ def _one_graph(artifacts: Path, manifest: Manifest, graph: str, log: Callable[[s
     if (
         old is not None
         and old.meta.get("source_sha256") == source_sha
-        and all(
-            (artifacts / n).is_file() and (artifacts / n).stat().st_size == r.size
-            for n, r in old.files.items()
-        )
+        and files_in_place(artifacts, old.files)
     ):
         log(f"{graph}: fp16 weights of this fp32 graph exist, kept")
         return W16Result(graph, True, fp32.size_bytes, old.size_bytes, list(old.validation))

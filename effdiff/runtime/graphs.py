@@ -213,11 +213,15 @@ class GraphSet:
     def using(self, names: tuple[str, ...], usage: Usage) -> Iterator[dict[str, TimedGraph]]:
         """The graphs one phase needs; what this phase opened and is not resident is released after."""
         graphs: dict[str, TimedGraph] = {}
-        per_call = [n for n in names if n in self.per_call and n in self.specs]
+        per_call = {
+            n: PerCallGraph(self.loaders[n], self.specs[n])
+            for n in names
+            if n in self.per_call and n in self.specs
+        }
         for name in names:
             if name in per_call:
                 self.release(name)  # open from an earlier plan
-                graphs[name] = TimedGraph(PerCallGraph(self.loaders[name], self.specs[name]))
+                graphs[name] = TimedGraph(per_call[name])
                 continue
             fresh = name not in self._open
             graphs[name] = self.open(name)
@@ -228,12 +232,12 @@ class GraphSet:
             yield graphs
         finally:
             for name, graph in graphs.items():
-                loads = graph.graph.load_seconds if name in per_call else 0.0  # type: ignore[attr-defined]
+                loads = per_call[name].load_seconds if name in per_call else 0.0
                 usage.seconds[name] += graph.seconds - before[name][0] - loads
                 usage.calls[name] += graph.calls - before[name][1]
                 usage.load_seconds += loads
-            for name in per_call:
-                graphs[name].close()
+            for pc in per_call.values():
+                pc.close()
             graphs.clear()
             for name in names:
                 if name in per_call:

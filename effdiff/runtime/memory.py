@@ -25,7 +25,6 @@ import numpy as np
 from effdiff.artifacts import Manifest, Variant, write_json
 from effdiff.errors import EffdiffError
 from effdiff.runtime.backends.ort import (
-    CPU_DEFAULT_OPTIONS,
     KEEP_FP16_WEIGHTS,
     PREPACK_QUANTIZED,
     SHARED_ARENA,
@@ -51,9 +50,9 @@ LEAN_OPTIONS: dict[str, Any] = {
     KEEP_FP16_WEIGHTS: True,
     SHARED_ARENA: UNET_GRAPHS,
 }
-# "default": what the CPU backend opens sessions with unless told otherwise (ONNX Runtime's defaults on
-# the shared arena, CPU_DEFAULT_OPTIONS)
-OPTION_SETS = {"default": CPU_DEFAULT_OPTIONS, "lean": LEAN_OPTIONS}
+# None: what the backend opens sessions with unless told otherwise, which depends on its providers
+# (default_session_options: on the CPU, ONNX Runtime's defaults on the shared arena)
+OPTION_SETS: dict[str, dict[str, Any] | None] = {"default": None, "lean": LEAN_OPTIONS}
 SAFETY = 0.92  # plan for this share of the budget: allocator slack, Python, the sampler's arrays
 
 # Without a profile: multiples of a variant's weights, measured on the SD1.5 architecture at 512x512
@@ -76,7 +75,8 @@ FALLBACK_VAE_ACTIVATION_PER_PIXEL = {"default": 700_000.0, "lean": 600_000.0}
 def option_set(name: str, providers: list[str]) -> dict[str, Any]:
     """An option set's ONNX Runtime options for a backend with these providers: "default" is what that
     backend opens sessions with unless told otherwise (default_session_options)."""
-    return default_session_options(providers) if name == "default" else dict(OPTION_SETS[name])
+    options = OPTION_SETS[name]
+    return default_session_options(providers) if options is None else dict(options)
 
 
 def parse_size(text: str) -> int:
@@ -137,7 +137,7 @@ class MemoryProfile:
             # the fresh-process one still reads the VAE's below what a whole run meets (README).
             return dataclasses.replace(found, floor_per_unit=activation)
         weights = variant.size_bytes
-        if options == "default" and _stores_fp16(variant) and variant.precision.value == "fp32":
+        if options == "default" and _fp32_stored_fp16(variant):
             weights *= 2  # ONNX Runtime's defaults fold fp16-stored weights into fp32 copies
         return GraphCost(weights * resident, weights * (create - resident), activation)
 
@@ -165,18 +165,17 @@ class MemoryProfile:
             return None
 
 
-def _stores_fp16(variant: Variant) -> bool:
-    """Float weights stored fp16 behind Casts (`fp32-w16` variants, INT8 graphs' float layers)."""
-    return variant.meta.get("float_weights") == "fp16"
+def _fp32_stored_fp16(variant: Variant) -> bool:
+    """An fp32 graph whose weights are stored fp16 behind Casts (the `fp32-w16` variants)."""
+    return variant.precision.value == "fp32" and variant.meta.get("float_weights") == "fp16"
 
 
 def _width_scale(variant: Variant) -> float:
     """Activations of a graph without a profile: proportional to its weights' share of SD1.5's UNet
     (3.3 GB fp32), a coarse stand-in for its channel widths, counted at fp32 size (an INT8 graph's
     activations are still mostly float); fp16 halves them."""
-    fp32_stored_fp16 = variant.precision.value == "fp32" and _stores_fp16(variant)
     weights = variant.size_bytes * {"fp16": 2, "int8": 4}.get(
-        variant.precision.value, 2 if fp32_stored_fp16 else 1
+        variant.precision.value, 2 if _fp32_stored_fp16(variant) else 1
     )
     return max(0.02, min(1.0, weights / 3.3e9)) * (0.5 if variant.precision.value == "fp16" else 1.0)
 
@@ -267,7 +266,7 @@ def plan_memory(
     tile = tiles[-1] if tiles else None
     if rows > 1:
         candidates += [(unet_graphs, "lean", tile, 1, False), ((), "lean", tile, 1, False)]
-    if all(_stores_fp16(variants[g]) and variants[g].precision.value == "fp32" for g in unet_graphs):
+    if all(_fp32_stored_fp16(variants[g]) for g in unet_graphs):
         candidates += [((), "lean", tile, None, True)] + ([((), "lean", tile, 1, True)] if rows > 1 else [])
 
     images = max(1, rows // 2)  # the VAE decodes images, not the guidance rows
@@ -308,7 +307,7 @@ def plan_memory(
             return MemoryPlan(budget, estimate, resident, options, tile, measured, rank, unet_rows, per_call)
     need = min(estimates) / SAFETY
     int8 = all(variants[g].precision.value == "int8" for g in unet_graphs)
-    w16 = any(_stores_fp16(v) and v.precision.value == "fp32" for v in variants.values())
+    w16 = any(_fp32_stored_fp16(v) for v in variants.values())
     other = "" if int8 else "--precision int8, " if w16 else "--precision int8 or --fp16-weights, "
     raise EffdiffError(
         f"no plan fits a memory budget of {budget / 2**30:.2f} GiB: the leanest (one component at a time, "
