@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from effdiff.runtime.backends.ort import KEEP_FP16_WEIGHTS
+from effdiff.runtime.backends.ort import CPU_DEFAULT_OPTIONS, KEEP_FP16_WEIGHTS
 from effdiff.runtime.memory import LEAN_OPTIONS
 
 # ONNX Runtime session options tried (`config:` entries are session config keys).
@@ -45,9 +45,25 @@ OPTION_SETS: dict[str, dict[str, object]] = {
         "shared_arena": True,
     },
     # the same with the memory pattern on (its planned blocks come from the shared arena)
-    "shared-pattern": {"config:session.disable_prepacking": "1", "shared_arena": True},
-    # ONNX Runtime's defaults, but every graph on the shared arena instead of an arena of its own each
-    "shared": {"shared_arena": True},
+    "shared-pattern": {
+        "config:session.disable_prepacking": "1",
+        "shared_arena": True,
+        "enable_mem_pattern": True,
+    },
+    # ONNX Runtime's defaults, but every graph on the shared arena instead of an arena of its own each:
+    # the runtime's CPU default before the memory pattern went off on that arena
+    "shared": {"shared_arena": True, "enable_mem_pattern": True},
+    # the same without the memory pattern (what a graph on the shared arena gets unless told otherwise):
+    # blocks come from the arena as each tensor asks, not one block sized for the whole run's peak
+    "shared-no-pattern": {"shared_arena": True},
+    # lean, but with the memory pattern on: with no arena, its planned block comes from the system for
+    # each run and goes back after it
+    "lean-pattern": {
+        "enable_cpu_mem_arena": False,
+        "config:session.disable_prepacking": "1",
+    },
+    # neither an arena nor the memory pattern: every tensor from the system allocator and back
+    "no-arena-no-pattern": {"enable_cpu_mem_arena": False, "enable_mem_pattern": False},
     # keep the fp16 weights of a `fp32-w16` graph fp16 in memory: no constant folding (which turns each
     # Cast of an fp16 initializer into an fp32 copy) and no layout optimizations (level 3 folds them
     # too, whatever optimizers are disabled); the Casts then run at every call
@@ -67,6 +83,9 @@ OPTION_SETS["keep-fp16-no-arena"] = {
 # the runtime's own lean options (effdiff.runtime.memory.LEAN_OPTIONS), and the same with fp16-stored
 # weights (INT8 graphs' float layers) folded into fp32 copies as ONNX Runtime does by default
 OPTION_SETS["runtime-lean"] = dict(LEAN_OPTIONS)
+# the runtime's CPU default (effdiff.runtime.backends.ort.CPU_DEFAULT_OPTIONS): UNet graphs on the
+# shared arena without the memory pattern, the text encoder and VAE on no arena
+OPTION_SETS["runtime-default"] = dict(CPU_DEFAULT_OPTIONS)
 OPTION_SETS["runtime-lean-fold-fp16"] = {**LEAN_OPTIONS, KEEP_FP16_WEIGHTS: False}
 
 

@@ -5,8 +5,10 @@ the sessions; the second shows what a process that keeps generating pays per ima
 process's peak RSS from the kernel's own high-water mark (getrusage ru_maxrss: nothing between two
 samples is missed) beside the time of each call. Modes:
 - `resident`: every graph opened once and kept, the runtime's default options (on the CPU: ONNX
-  Runtime's defaults with every graph on one shared arena; `--resident-options default` for ONNX
-  Runtime's own defaults, an arena per session);
+  Runtime's defaults with the UNet graphs on one shared arena without the memory pattern, the text
+  encoder and VAE on no arena; `--resident-options default` for ONNX Runtime's own defaults, an arena
+  per session; `shared` for every graph on the shared arena with the memory pattern, the default
+  before);
 - `lean`: the runtime's leanest plan: one component in memory at a time, arena, memory pattern and
   weight pre-packing off, the VAE in tiles of a quarter of the latent side;
 - `lean-unet`: the same with the UNet graphs kept open between generations (the text encoder and the

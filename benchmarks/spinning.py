@@ -1,10 +1,12 @@
 """ONNX Runtime's spinning threads between graphs that take turns: the runtime's default (sessions other
 than the whole UNet stop spinning when run() returns) against ONNX Runtime's own default (every
 session's threads spin on after each run), in one process, interleaved over repeats. `--compare arena`
-instead sets the runtime's CPU default (every graph on one shared arena, given back when each phase
-ends) against ONNX Runtime's (an arena per session).
+instead sets the runtime's CPU default (the UNet graphs on one shared arena, given back when each phase
+ends) against ONNX Runtime's (an arena per session); `--compare pattern` sets it against the default
+before (every graph on the shared arena, memory pattern on).
 
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/spinning.py --artifacts artifacts/reference [--compare arena]
+  [--compare pattern]
 
 Each repeat generates the demo's six prompts one at a time (DDIM 50, the reference model's guidance)
 with every schedule under both settings, in turn; the table gives the median seconds per prompt and the
@@ -22,11 +24,11 @@ import numpy as np
 from int8_reference import machine  # benchmarks/ is this script's folder, so it is on sys.path
 
 from effdiff.reference.scenes import DEMO_SCENES, REFERENCE_GUIDANCE
-from effdiff.runtime.backends.ort import CPU_DEFAULT_OPTIONS, OrtBackend
+from effdiff.runtime.backends.ort import CPU_DEFAULT_OPTIONS, SHARED_ARENA, OrtBackend
 from effdiff.runtime.pipeline import Pipeline
 
 # setting -> session options (None: the runtime's defaults); the first is each ratio's baseline
-COMPARISONS: dict[str, dict[str, dict[str, str] | None]] = {
+COMPARISONS: dict[str, dict[str, dict[str, object] | None]] = {
     "spinning": {
         "spin on between runs (ORT default)": {
             **CPU_DEFAULT_OPTIONS,
@@ -35,6 +37,13 @@ COMPARISONS: dict[str, dict[str, dict[str, str] | None]] = {
         "stop after run (effdiff default)": None,
     },
     "arena": {"an arena per session (ORT default)": {}, "one shared arena (effdiff default)": None},
+    "pattern": {
+        "every graph on the shared arena, memory pattern on (before)": {
+            SHARED_ARENA: True,
+            "enable_mem_pattern": True,
+        },
+        "UNet on the shared arena, no pattern; no arena for the rest (effdiff default)": None,
+    },
 }
 
 

@@ -34,24 +34,26 @@ from effdiff.specs import UNET_GRAPHS, GraphSpec
 
 PROFILE_FILE = "memory_profile.json"
 # ONNX Runtime options that trade a little speed for memory: no arena of their own (freed buffers go
-# back to the system), no memory pattern (no planned block for the largest shapes), no pre-packed
-# weight copies in float graphs (quantized graphs keep theirs: PREPACK_QUANTIZED), fp16-stored weights
-# kept fp16 (KEEP_FP16_WEIGHTS). The UNet graphs, which run at every step, allocate from one arena
-# shared by the process instead (SHARED_ARENA): without any arena every run takes fresh pages from the
-# kernel, 1.3x (decoder) to 1.4x (encoder) slower at 512x512 than ONNX Runtime's defaults, against 1.1x
-# with it. The arena gives its blocks back when the UNet phase ends (OrtGraph.end_phase). The text
-# encoder and the VAE stay off it: they run once or a few times per image, and their blocks would
-# otherwise join the UNet's.
+# back to the system), no pre-packed weight copies in float graphs (quantized graphs keep theirs:
+# PREPACK_QUANTIZED), fp16-stored weights kept fp16 (KEEP_FP16_WEIGHTS). The UNet graphs, which run at
+# every step, allocate from one arena shared by the process instead (SHARED_ARENA, without the memory
+# pattern): without any arena every run takes fresh pages from the kernel, 1.3x (decoder) to 1.4x
+# (encoder) slower at 512x512 than ONNX Runtime's defaults, against 1.1x with it. The arena gives its
+# blocks back when the UNet phase ends (OrtGraph.end_phase). The text encoder and the VAE stay off it
+# (they run once or a few times per image, and their blocks would otherwise join the UNet's) and keep
+# the memory pattern, whose block then comes from the system for each run: the same peak as without it
+# (VAE, one 512x512 image: 1.38 GiB above the process either way) in 12.8 s instead of 15.0
+# (benchmarks/memory.py --rows 1 --options lean,lean-pattern, two interleaved fresh processes each).
 LEAN_OPTIONS: dict[str, Any] = {
     "enable_cpu_mem_arena": False,
-    "enable_mem_pattern": False,
     "config:session.disable_prepacking": "1",
     PREPACK_QUANTIZED: True,
     KEEP_FP16_WEIGHTS: True,
     SHARED_ARENA: UNET_GRAPHS,
 }
 # None: what the backend opens sessions with unless told otherwise, which depends on its providers
-# (default_session_options: on the CPU, ONNX Runtime's defaults on the shared arena)
+# (default_session_options: on the CPU, ONNX Runtime's defaults with the UNet graphs on the shared
+# arena and the text encoder and VAE on no arena)
 OPTION_SETS: dict[str, dict[str, Any] | None] = {"default": None, "lean": LEAN_OPTIONS}
 SAFETY = 0.92  # plan for this share of the budget: allocator slack, Python, the sampler's arrays
 
@@ -64,12 +66,14 @@ FALLBACK = {
 }
 # Activation bytes per row and latent pixel of a graph as wide as SD1.5's UNet, lean options, measured
 # at 512x512 (whole UNet, run peak above its session: 3.8 GiB for 2 rows with standard attention, 1.8
-# GiB with --attention fused). The VAE decoder's activations follow its pixels, not its weights: for
-# one 512x512 image 2.7 GiB above its session with the CPU defaults (on the shared arena, memory
-# pattern on), whichever attention; with lean options 2.4 GiB in an earlier measurement and 1.0 GiB in
-# a fresh process running it alone (benchmarks/memory.py --rows 1), the estimate keeping the larger.
+# GiB with --attention fused).
 FALLBACK_ACTIVATION_PER_ROW_PIXEL = {"standard": 500_000.0, "fused": 240_000.0}
-FALLBACK_VAE_ACTIVATION_PER_PIXEL = {"default": 700_000.0, "lean": 600_000.0}
+# The VAE decoder's activations follow its pixels, not its weights: for one 512x512 image 1.0 GiB above
+# its session on no arena, with the memory pattern or without it, measured alone (benchmarks/memory.py
+# --rows 1) and as the VAE phase of whole generations above what the process held before it (fp32 and
+# INT8 UNet halves, everything resident); 2.7 GiB on the shared arena with the memory pattern, the
+# default before. Planned with 15 % to spare.
+FALLBACK_VAE_ACTIVATION_PER_PIXEL = 300_000.0
 
 
 def option_set(name: str, providers: list[str]) -> dict[str, Any]:
@@ -123,7 +127,7 @@ class MemoryProfile:
     def cost(self, graph: str, variant: Variant, options: str, attention: str = "standard") -> GraphCost:
         resident, create = FALLBACK[options]
         activation = (
-            FALLBACK_VAE_ACTIVATION_PER_PIXEL[options]
+            FALLBACK_VAE_ACTIVATION_PER_PIXEL
             if graph == "vae_decoder"
             else FALLBACK_ACTIVATION_PER_ROW_PIXEL.get(
                 attention, FALLBACK_ACTIVATION_PER_ROW_PIXEL["standard"]
@@ -206,10 +210,10 @@ class MemoryPlan:
         )
         parts = [
             loading,
-            "lean ORT options (memory pattern, own arenas and float graphs' pre-packing off; UNet on one "
-            "shared arena)"
+            "lean ORT options (no arena of their own, float graphs' pre-packing off; UNet on one shared "
+            "arena)"
             if self.options == "lean"
-            else "ORT defaults on one shared arena",
+            else "ORT defaults (UNet on one shared arena, no arena for the text encoder and VAE)",
         ]
         if self.vae_tile:
             parts.append(f"VAE in tiles of {self.vae_tile} latents")
@@ -249,7 +253,9 @@ def plan_memory(
     little, reloading the UNet every generation costs its whole session creation), then without; then
     with the UNet's guidance rows run one at a time (`RowSplitGraph`: half its activation peak); last,
     when every UNet graph stores its weights fp16 (memory-mapped, kept fp16 by lean options: sessions
-    open in milliseconds), with each UNet graph opened for each call, so only one holds its weights."""
+    open in milliseconds), with each UNet graph opened for each call, so only one holds its weights.
+    Each of these last resorts keeps the VAE whole when it fits, else decodes it in the smallest
+    tiles: splitting the UNet's peak can leave room for a VAE without tiles."""
     profile = profile or MemoryProfile()
     measured = bool(profile.costs)
     attention = str(manifest.recipe.get("attention", "standard"))
@@ -263,11 +269,17 @@ def plan_memory(
         candidates += [(r, options, None, None, False) for r in (("*",), unet_graphs, ())]
     candidates += [(unet_graphs, "lean", t, None, False) for t in tiles]
     candidates += [((), "lean", t, None, False) for t in tiles]
+    # the last resorts, each with the VAE whole when it fits, else in the smallest tiles: half-side
+    # tiles overlap into 3x3 tiles over a 64-latent side (2.25x the VAE's work, against 1.56x for
+    # quarter-side tiles; SD1.5 INT8 at 512x512: 28.3 s against 19.8 s)
     tile = tiles[-1] if tiles else None
+    last: list[tuple[tuple[str, ...], int | None, bool]] = []
     if rows > 1:
-        candidates += [(unet_graphs, "lean", tile, 1, False), ((), "lean", tile, 1, False)]
+        last += [(unet_graphs, 1, False), ((), 1, False)]
     if all(_fp32_stored_fp16(variants[g]) for g in unet_graphs):
-        candidates += [((), "lean", tile, None, True)] + ([((), "lean", tile, 1, True)] if rows > 1 else [])
+        last += [((), None, True)] + ([((), 1, True)] if rows > 1 else [])
+    for resident, unet_rows, per_call in last:
+        candidates += [(resident, "lean", t, unet_rows, per_call) for t in dict.fromkeys((None, tile))]
 
     images = max(1, rows // 2)  # the VAE decodes images, not the guidance rows
 

@@ -18,7 +18,7 @@ from effdiff._deps import require
 from effdiff.artifacts import W16_TAG
 from effdiff.errors import EffdiffError
 from effdiff.runtime.backends import first_line
-from effdiff.specs import GraphSpec
+from effdiff.specs import UNET_GRAPHS, GraphSpec
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # After run() returns, a session's intra-op threads spin for a while waiting for more work. Graphs that
@@ -32,7 +32,12 @@ SPIN_BETWEEN_RUNS = frozenset({"unet"})
 # one CPU arena registered with the process's ONNX Runtime environment instead of their own. It grows
 # by what is asked (no doubling) and outlives sessions, so graphs that run many times keep an arena's
 # speed (no fresh pages from the kernel at every run) at about no-arena memory; graphs not named keep
-# the other options (a lean plan turns their arena off).
+# the other options (a lean plan turns their arena off). A graph on it runs without ONNX Runtime's
+# memory pattern unless the options set `enable_mem_pattern`: the pattern asks the arena for one block
+# sized for the whole run's planned peak, on top of the blocks it holds. SD1.5 architecture at 512x512,
+# 2 rows, run peak above the process, pattern on -> off: fp32 decoder 3.05 -> 2.55 GiB, encoder 2.13 ->
+# 1.74, INT8 decoder 1.96 -> 1.41, encoder 1.44 -> 1.00, at the same speed or faster (5.9 -> 5.5 s,
+# 2.9 -> 2.8, 3.1 -> 3.0, 1.9 -> 1.6-1.9; benchmarks/memory.py --options shared,shared-no-pattern).
 SHARED_ARENA = "shared_arena"
 # Session option (not one of ONNX Runtime's): when true, `config:session.disable_prepacking` applies to
 # float graphs only. A quantized graph's pre-packed weights replace its int8 initializers (SD1.5
@@ -53,13 +58,15 @@ PREPACK_QUANTIZED = "prepack_quantized"
 # 54.0 (benchmarks/int8_reference.py, "int8 lean").
 KEEP_FP16_WEIGHTS = "keep_fp16_weights"
 # What sessions on the CPU provider get unless the caller passes options: ONNX Runtime's defaults, but
-# every graph on the shared arena. With an arena per session, each one keeps its own largest run; on one
-# arena (given back when each phase ends) the phases take turns on the same blocks. SD1.5 architecture,
-# 512x512, all graphs resident, 2 generations per fresh process (README "Memory"): peak RSS 6.42 ->
-# 3.47 GiB with INT8 UNet halves, 8.21 -> 5.76 GiB fp32, at the same speed (fp32, 8 steps, two
-# interleaved repeats: 80.8 and 81.9 s against 81.5 and 79.7 s). Other providers keep ONNX Runtime's
-# own defaults: not measured there.
-CPU_DEFAULT_OPTIONS: dict[str, Any] = {SHARED_ARENA: True}
+# the UNet graphs, which run at every step, on the shared arena (without the memory pattern, above), and
+# the text encoder and VAE, which run once per image, on no arena at all: their memory pattern's block
+# comes from the system for each run and goes back after it. With an arena per session, each one keeps
+# its own largest run. SD1.5 architecture, 512x512, VAE decoder on one image, run peak above the
+# process: 3.07 GiB on the shared arena with the pattern (the previous default), 2.04 without the
+# pattern, 1.38 on no arena, in 13.0 / 12.5 / 12.8 s (benchmarks/memory.py --rows 1, three interleaved
+# fresh processes each). Whole generations: README "Memory". Other providers keep ONNX Runtime's own
+# defaults: not measured there.
+CPU_DEFAULT_OPTIONS: dict[str, Any] = {SHARED_ARENA: UNET_GRAPHS, "enable_cpu_mem_arena": False}
 _ORT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
@@ -143,6 +150,7 @@ class OrtGraph:
             _register_shared_arena()
             options["config:session.use_env_allocators"] = "1"
             options.pop("enable_cpu_mem_arena", None)
+            options.setdefault("enable_mem_pattern", False)
         for key, value in {**defaults, **options}.items():  # the caller's options win
             if key.startswith("config:"):
                 opts.add_session_config_entry(key[len("config:") :], str(value))
