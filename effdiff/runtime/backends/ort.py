@@ -63,7 +63,7 @@ KEEP_FP16_WEIGHTS = "keep_fp16_weights"
 # comes from the system for each run and goes back after it. With an arena per session, each one keeps
 # its own largest run. SD1.5 architecture, 512x512, VAE decoder on one image, run peak above the
 # process: 3.07 GiB on the shared arena with the pattern (the previous default), 2.04 without the
-# pattern, 1.38 on no arena, in 13.0 / 12.5 / 12.8 s (benchmarks/memory.py --rows 1, three interleaved
+# pattern, 1.38 on no arena, in 13.0 / 12.5 / 12.8 s (benchmarks/memory.py --rows 1, two or three interleaved
 # fresh processes each). Whole generations: README "Memory". Other providers keep ONNX Runtime's own
 # defaults: not measured there.
 CPU_DEFAULT_OPTIONS: dict[str, Any] = {SHARED_ARENA: UNET_GRAPHS, "enable_cpu_mem_arena": False}
