@@ -12,8 +12,10 @@ benchmarks/memory_generate.py gives the kernel's own high-water mark of whole ge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -23,23 +25,17 @@ from effdiff.profiling import PeakRSS
 from effdiff.runtime.pipeline import Pipeline
 
 
-class Phase:
-    """Context manager: the process's peak RSS while the block runs, the RSS after it, and its seconds,
-    written into `row` under the phase's name."""
-
-    def __init__(self, row: dict, name: str) -> None:
-        self.row, self.name, self.rss = row, name, PeakRSS(0.002)
-
-    def __enter__(self) -> None:
-        self.rss.__enter__()
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        seconds = time.perf_counter() - self.start
-        self.rss.__exit__(*exc)
-        self.row[f"{self.name}_s"] = round(seconds, 1)
-        self.row[f"{self.name}_peak_gib"] = round(self.rss.peak_bytes / 2**30, 3)
-        self.row[f"after_{self.name}_gib"] = round(psutil.Process().memory_info().rss / 2**30, 3)
+@contextlib.contextmanager
+def phase(row: dict, name: str) -> Iterator[None]:
+    """The process's peak RSS while the block runs, the RSS after it, and its seconds, written into
+    `row` under the phase's name."""
+    with PeakRSS(0.002) as rss:
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+    row[f"{name}_s"] = round(seconds, 1)
+    row[f"{name}_peak_gib"] = round(rss.peak_bytes / 2**30, 3)
+    row[f"after_{name}_gib"] = round(psutil.Process().memory_info().rss / 2**30, 3)
 
 
 def main() -> None:
@@ -53,13 +49,13 @@ def main() -> None:
     pipe = Pipeline.load(args.artifacts, precision=args.precision)
     for generation in range(2):
         row: dict = {"precision": args.precision, "generation": generation}
-        with Phase(row, "text_encoder"):
+        with phase(row, "text_encoder"):
             cond = pipe.encode_prompt("a photo of a red bicycle", guidance_scale=7.5)
         plan = pipe.plan(steps=args.steps, sampler="ddim", propagation="uniform:1")
         noise = pipe.initial_noise(1, args.size, args.size, seed=generation, latents=None)
-        with Phase(row, "unet"):
+        with phase(row, "unet"):
             latents = pipe.denoise(noise * plan.scheduler.init_noise_sigma, cond, plan, injection_noise=noise)
-        with Phase(row, "vae"):
+        with phase(row, "vae"):
             pipe.decode(latents)
         print(json.dumps(row), flush=True)
 
