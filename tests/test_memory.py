@@ -14,6 +14,7 @@ import pytest
 
 from effdiff.artifacts import Manifest
 from effdiff.errors import EffdiffError
+from effdiff.runtime.images import default_overlap, tile_for_count, tile_starts
 from effdiff.runtime.memory import (
     FALLBACK_VAE_ACTIVATION_PER_PIXEL,
     GraphCost,
@@ -98,11 +99,25 @@ def test_planner_picks_the_fastest_plan_that_fits(sd1_artifacts: Path) -> None:
     # a tiled VAE beside the resident UNet is tried before the UNet is reloaded every generation
     tiled = [p for _, p in plans if p.vae_tile]
     assert tiled[0].resident == graphs and "unet_encoder, unet_decoder resident" in tiled[0].describe()
+    # the largest tiles first: two a side, not the half side's three
+    assert tiled[0].vae_tile == tile_for_count(64, 2) and len(tile_starts(64, tiled[0].vae_tile, 9)) == 2
     assert refused and max(refused) < min(b for b, _ in plans), "refusals only below the leanest plan"
     # last resort before refusing: the guidance rows one at a time, which halves the UNet's activations
     leanest = plans[-1][1]
     assert leanest.unet_rows == 1 and "UNet on 1 row per call" in leanest.describe()
     assert all(p.unet_rows is None for _, p in plans if p.rank < leanest.rank - 1)
+
+
+@pytest.mark.parametrize("side", [16, 33, 64, 96, 128])
+def test_two_tiles_a_side_cover_it_with_the_least_work(side: int) -> None:
+    """The tile chosen for two a side covers the side in two overlapping tiles and no smaller tile does;
+    half-side tiles need three (2.25x the VAE's work against 1.27-1.34x)."""
+    tile = tile_for_count(side, 2)
+    starts = tile_starts(side, tile, default_overlap(tile))
+    assert len(starts) == 2 and starts[-1] + tile == side and starts[0] + tile > starts[1]
+    assert len(tile_starts(side, tile - 1, default_overlap(tile - 1))) > 2
+    assert len(tile_starts(side, side // 2, default_overlap(side // 2))) == 3
+    assert (2 * tile) ** 2 < 1.4 * side**2
 
 
 def test_last_resorts_keep_the_vae_whole_when_it_fits(sd1_artifacts: Path) -> None:

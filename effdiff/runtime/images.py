@@ -39,6 +39,22 @@ def save_image(images: list[Image.Image], path: Path) -> None:
         raise EffdiffError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def default_overlap(tile: int) -> int:
+    return max(1, tile // 4)
+
+
+def tile_starts(side: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles of `tile` latents start along a side, `overlap` apart; the last one ends at the edge."""
+    pos = list(range(0, max(side - tile, 0) + 1, max(1, tile - overlap)))
+    return pos if pos[-1] + tile >= side else [*pos, side - tile]
+
+
+def tile_for_count(side: int, count: int) -> int:
+    """The smallest tile (with its default overlap) that covers `side` latents in `count` tiles: a tile a
+    little over half the side covers it in two, where the half-side tile needs three (2.25x the work)."""
+    return next(t for t in range(1, side + 1) if len(tile_starts(side, t, default_overlap(t))) <= count)
+
+
 def tiled_decode(
     vae: Graph, latents: np.ndarray, tile: int, factor: int, overlap: int | None = None
 ) -> np.ndarray:
@@ -50,18 +66,12 @@ def tiled_decode(
     b, _, h, w = latents.shape
     if tile >= h and tile >= w:
         return vae.run({"latent": latents})["image"]
-    overlap = overlap if overlap is not None else max(1, tile // 4)
-    stride = max(1, tile - overlap)
-
-    def starts(n: int) -> list[int]:
-        pos = list(range(0, max(n - tile, 0) + 1, stride))
-        return pos if pos[-1] + tile >= n else [*pos, n - tile]
-
+    overlap = overlap if overlap is not None else default_overlap(tile)
     out = np.zeros((b, 3, h * factor, w * factor), np.float32)
     weight = np.zeros((1, 1, h * factor, w * factor), np.float32)
     ramp_len = overlap * factor
-    for y in starts(h):
-        for x in starts(w):
+    for y in tile_starts(h, tile, overlap):
+        for x in tile_starts(w, tile, overlap):
             th, tw = min(tile, h), min(tile, w)
             part = vae.run({"latent": np.ascontiguousarray(latents[:, :, y : y + th, x : x + tw])})["image"]
             ys = np.minimum(np.arange(th * factor) + 1, np.arange(th * factor)[::-1] + 1)
