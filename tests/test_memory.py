@@ -235,20 +235,23 @@ def test_shared_arena_sessions_give_the_same_images(sd1_artifacts: Path) -> None
         np.testing.assert_allclose(pipe("a cat", **args).latents, own_arenas.latents, rtol=1e-5, atol=1e-6)
     assert lean.graphs.open_names == () and "vae_decoder" in default.graphs.open_names
 
-    def allocation(pipe: Pipeline, graph: str) -> tuple[str, bool, bool]:
-        """(on the shared arena, an arena of its own, memory pattern) of the graph's session"""
+    def allocation(pipe: Pipeline, graph: str) -> tuple[str, bool, bool, bool]:
+        """(on the shared arena, an arena of its own, memory pattern, buffer reuse) of the graph's
+        session"""
         options = pipe.open_graph(graph).graph.session.get_session_options()  # type: ignore[attr-defined]
         try:
             env = options.get_session_config_entry("session.use_env_allocators")
         except Exception:  # onnxruntime raises for an entry never set
             env = "0"
-        return env, options.enable_cpu_mem_arena, options.enable_mem_pattern
+        return env, options.enable_cpu_mem_arena, options.enable_mem_pattern, options.enable_mem_reuse
 
     # default and lean alike, the UNet graphs run on the shared arena without the memory pattern, the
-    # VAE on no arena with it (its planned block comes from the system for each run)
-    for pipe in (default, lean):
-        assert allocation(pipe, "unet_encoder")[::2] == ("1", False)
-        assert allocation(pipe, "vae_decoder") == ("0", False, True)
+    # VAE on no arena with it (its planned block comes from the system for each run) and without buffer
+    # reuse (a dead tensor's buffer is not held for a later one); lean UNet graphs go without reuse too
+    for pipe, reuse in ((default, True), (lean, False)):
+        env, _, pattern, unet_reuse = allocation(pipe, "unet_encoder")
+        assert (env, pattern, unet_reuse) == ("1", False, reuse)
+        assert allocation(pipe, "vae_decoder") == ("0", False, True, False)
 
 
 def _fresh_process(script: str) -> dict[str, Any]:

@@ -66,6 +66,18 @@ KEEP_FP16_WEIGHTS = "keep_fp16_weights"
 # pattern, 1.38 on no arena, in 13.0 / 12.5 / 12.8 s (benchmarks/memory.py --rows 1, two or three interleaved
 # fresh processes each). Whole generations: README "Memory". Other providers keep ONNX Runtime's own
 # defaults: not measured there.
+#
+# A graph on no arena runs without ONNX Runtime's buffer reuse unless the options set `enable_mem_reuse`:
+# its planner hands a dead tensor's buffer to a later tensor of the same shape, and the buffer sits
+# unused in between, while the tensors in between take fresh memory. In the SD1.5 VAE at 512x512 the
+# last up block's first GroupNorm runs beside such a held 256 MiB buffer (its upsampler and first
+# resnet alone: 1.0 GiB peak with reuse, 0.5 without). Without reuse each tensor's memory goes back to
+# the system when it dies, and the memory pattern (kept on) still plans one block per run. Whole VAE
+# decoder, one 512x512 image, run peak above its session 1.00 -> 0.88 GiB at the same speed (13.8 s
+# both; without the pattern too 0.75 GiB, but 17-19 s; benchmarks/memory.py --rows 1 --options
+# no-arena-reuse,no-arena-no-reuse, interleaved fresh processes). The UNet graphs keep reuse on the
+# shared arena: off, their activations fall by a third to a half (fp32 decoder 0.61 -> 0.36 GiB above
+# its session, INT8 0.51 -> 0.28) but they run 2-10 % slower, so only lean options turn it off there.
 CPU_DEFAULT_OPTIONS: dict[str, Any] = {SHARED_ARENA: UNET_GRAPHS, "enable_cpu_mem_arena": False}
 _ORT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -151,6 +163,8 @@ class OrtGraph:
             options["config:session.use_env_allocators"] = "1"
             options.pop("enable_cpu_mem_arena", None)
             options.setdefault("enable_mem_pattern", False)
+        elif options.get("enable_cpu_mem_arena") is False:
+            options.setdefault("enable_mem_reuse", False)  # why: above CPU_DEFAULT_OPTIONS
         for key, value in {**defaults, **options}.items():  # the caller's options win
             if key.startswith("config:"):
                 opts.add_session_config_entry(key[len("config:") :], str(value))
