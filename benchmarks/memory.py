@@ -23,8 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from effdiff.artifacts import Manifest
 from effdiff.runtime.backends.ort import CPU_DEFAULT_OPTIONS, KEEP_FP16_WEIGHTS
 from effdiff.runtime.memory import LEAN_OPTIONS
+from effdiff.specs import GraphSpec
 
 # ONNX Runtime session options tried (`config:` entries are session config keys).
 OPTION_SETS: dict[str, dict[str, object]] = {
@@ -86,15 +88,59 @@ OPTION_SETS["runtime-lean"] = dict(LEAN_OPTIONS)
 # the runtime's CPU default (effdiff.runtime.backends.ort.CPU_DEFAULT_OPTIONS): UNet graphs on the
 # shared arena without the memory pattern, the text encoder and VAE on no arena
 OPTION_SETS["runtime-default"] = dict(CPU_DEFAULT_OPTIONS)
+# the text encoder's and VAE's default (no arena) at lower optimization levels: without level 3's NCHWc
+# layout (and the reorders around every chain of convolutions)
+OPTION_SETS["no-arena-extended"] = {
+    "enable_cpu_mem_arena": False,
+    "graph_optimization_level": "ORT_ENABLE_EXTENDED",
+}
+OPTION_SETS["no-arena-basic"] = {
+    "enable_cpu_mem_arena": False,
+    "graph_optimization_level": "ORT_ENABLE_BASIC",
+}
+# A graph on no arena runs without buffer reuse unless told (effdiff.runtime.backends.ort), so
+# `no-arena` above is without it; `no-arena-reuse` is with it (the runtime's default before)
+OPTION_SETS["no-arena-reuse"] = {"enable_cpu_mem_arena": False, "enable_mem_reuse": True}
+OPTION_SETS["runtime-default-reuse"] = {**CPU_DEFAULT_OPTIONS, "enable_mem_reuse": True}
+OPTION_SETS["no-arena-no-pattern-reuse"] = {**OPTION_SETS["no-arena-no-pattern"], "enable_mem_reuse": True}
+# ONNX Runtime's planner otherwise hands a dead tensor's buffer to a later tensor of the same size, and the
+# buffer is held, unused, in between: without reuse every tensor gets its own allocation, returned when
+# it dies (to the system with no arena, to the shared arena's free blocks on it)
+OPTION_SETS["no-arena-no-reuse"] = {"enable_cpu_mem_arena": False, "enable_mem_reuse": False}
+OPTION_SETS["no-arena-no-pattern-no-reuse"] = {
+    **OPTION_SETS["no-arena-no-reuse"],
+    "enable_mem_pattern": False,
+}
+OPTION_SETS["shared-no-reuse"] = {"shared_arena": True, "enable_mem_reuse": False}
+OPTION_SETS["runtime-default-no-reuse"] = {**CPU_DEFAULT_OPTIONS, "enable_mem_reuse": False}
 OPTION_SETS["runtime-lean-fold-fp16"] = {**LEAN_OPTIONS, KEEP_FP16_WEIGHTS: False}
+
+
+def session_options(option_set: str) -> dict[str, object]:
+    """The option set's session options, with an optimization level's name turned into ONNX Runtime's."""
+    import onnxruntime as ort
+
+    options = dict(OPTION_SETS[option_set])
+    if "graph_optimization_level" in options:
+        options["graph_optimization_level"] = getattr(
+            ort.GraphOptimizationLevel, str(options["graph_optimization_level"])
+        )
+    return options
+
+
+def sample_feeds(manifest: Manifest, spec: GraphSpec, size: int, rows: int) -> dict:
+    """Random inputs for one run of the graph at `size` pixels square and `rows` batch rows."""
+    import numpy as np
+
+    lat = size // manifest.geometry.vae_factor
+    feeds = spec.sample_inputs(rows, lat, lat, np.random.default_rng(0), timesteps=np.full(rows, 501.0))
+    if "input_ids" in feeds:
+        feeds["input_ids"] = np.minimum(feeds["input_ids"], 400)
+    return feeds
 
 
 def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size: int, rows: int) -> dict:
     """In this process: create the session, then run it twice at the size; RSS figures in GiB."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from effdiff.artifacts import Manifest
     from effdiff.profiling import PeakRSS
     from effdiff.runtime.backends.ort import OrtGraph
 
@@ -102,16 +148,8 @@ def measure_one(artifacts: Path, graph: str, variant: str, option_set: str, size
     var = manifest.variant(graph, variant)
     spec = manifest.spec(graph, var)
     path, disk = artifacts / var.file, var.size_bytes
-    options = dict(OPTION_SETS[option_set])
-    if "graph_optimization_level" in options:
-        options["graph_optimization_level"] = getattr(
-            ort.GraphOptimizationLevel, str(options["graph_optimization_level"])
-        )
-    f = manifest.geometry.vae_factor
-    lat = size // f
-    feeds = spec.sample_inputs(rows, lat, lat, np.random.default_rng(0), timesteps=np.full(rows, 501.0))
-    if "input_ids" in feeds:
-        feeds["input_ids"] = np.minimum(feeds["input_ids"], 400)
+    options = session_options(option_set)
+    feeds = sample_feeds(manifest, spec, size, rows)
     with PeakRSS(0.002) as create:
         start = time.perf_counter()
         session = OrtGraph(path, spec, options=options)

@@ -24,17 +24,22 @@ def is_jetson() -> bool:
 class _Sampler:
     """Samples `read()` every `interval_s` in a background thread between __enter__ and __exit__."""
 
-    def __init__(self, read: Callable[[], float], interval_s: float) -> None:
+    def __init__(self, read: Callable[[], float], interval_s: float, timeline: bool = False) -> None:
         self._read = read
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.baseline = 0.0
         self.peak = 0.0
+        # (time.perf_counter(), value) of every sample when asked for
+        self.samples: list[tuple[float, float]] | None = [] if timeline else None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self._read())
+            value = self._read()
+            self.peak = max(self.peak, value)
+            if self.samples is not None:
+                self.samples.append((time.perf_counter(), value))
 
     def __enter__(self) -> _Sampler:
         self.baseline = self.peak = self._read()
@@ -55,9 +60,9 @@ class _Sampler:
 class PeakRSS(_Sampler):
     """Context manager: `peak_bytes` and `baseline_bytes` of this process's host RSS while the block runs."""
 
-    def __init__(self, interval_s: float = 0.005) -> None:
+    def __init__(self, interval_s: float = 0.005, timeline: bool = False) -> None:
         proc = psutil.Process()
-        super().__init__(lambda: float(proc.memory_info().rss), interval_s)
+        super().__init__(lambda: float(proc.memory_info().rss), interval_s, timeline)
 
     def __enter__(self) -> PeakRSS:
         super().__enter__()
