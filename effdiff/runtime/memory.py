@@ -214,8 +214,8 @@ class MemoryPlan:
         )
         parts = [
             loading,
-            "lean ORT options (no arena of their own, float graphs' pre-packing off; UNet on one shared "
-            "arena)"
+            "lean ORT options (no arena of their own, no buffer reuse, float graphs' pre-packing off; "
+            "UNet on one shared arena)"
             if self.options == "lean"
             else "ORT defaults (UNet on one shared arena, no arena for the text encoder and VAE)",
         ]
