@@ -100,7 +100,8 @@ def test_planner_picks_the_fastest_plan_that_fits(sd1_artifacts: Path) -> None:
     tiled = [p for _, p in plans if p.vae_tile]
     assert tiled[0].resident == graphs and "unet_encoder, unet_decoder resident" in tiled[0].describe()
     # the largest tiles first: two a side, not the half side's three
-    assert tiled[0].vae_tile == tile_for_count(64, 2) and len(tile_starts(64, tiled[0].vae_tile, 9)) == 2
+    tile = tiled[0].vae_tile
+    assert tile == tile_for_count(64, 2) and len(tile_starts(64, tile, default_overlap(tile))) == 2
     assert refused and max(refused) < min(b for b, _ in plans), "refusals only below the leanest plan"
     # last resort before refusing: the guidance rows one at a time, which halves the UNet's activations
     leanest = plans[-1][1]

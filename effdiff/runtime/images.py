@@ -40,6 +40,7 @@ def save_image(images: list[Image.Image], path: Path) -> None:
 
 
 def default_overlap(tile: int) -> int:
+    """The overlap of tiles of `tile` latents unless told: a quarter of the tile."""
     return max(1, tile // 4)
 
 
