@@ -112,7 +112,6 @@ OPTION_SETS["no-arena-no-pattern-no-reuse"] = {
     "enable_mem_pattern": False,
 }
 OPTION_SETS["shared-no-reuse"] = {"shared_arena": True, "enable_mem_reuse": False}
-OPTION_SETS["runtime-default-no-reuse"] = {**CPU_DEFAULT_OPTIONS, "enable_mem_reuse": False}
 OPTION_SETS["runtime-lean-fold-fp16"] = {**LEAN_OPTIONS, KEEP_FP16_WEIGHTS: False}
 
 

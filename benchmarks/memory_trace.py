@@ -40,19 +40,17 @@ def trace(artifacts: Path, graph: str, variant: str, option_set: str, size: int,
     manifest = Manifest.read(artifacts)
     var = manifest.variant(graph, variant)
     spec = manifest.spec(graph, var)
-    options = {**session_options(option_set), "enable_profiling": True}
-    tmp = tempfile.TemporaryDirectory()  # ONNX Runtime writes its profile there
-    options["profile_file_prefix"] = str(Path(tmp.name) / graph)
-    session = OrtGraph(artifacts / var.file, spec, options=options)
     feeds = sample_feeds(manifest, spec, size, rows)
-    session.run(feeds)
-    with PeakRSS(0.001, timeline=True) as rss:
-        start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:  # ONNX Runtime writes its profile there
+        options = {**session_options(option_set), "enable_profiling": True}
+        options["profile_file_prefix"] = str(Path(tmp) / graph)
+        session = OrtGraph(artifacts / var.file, spec, options=options)
         session.run(feeds)
-        seconds = time.perf_counter() - start
-    profile_path = Path(session.session.end_profiling())
-    events = json.loads(profile_path.read_text())
-    tmp.cleanup()
+        with PeakRSS(0.001, timeline=True) as rss:
+            start = time.perf_counter()
+            session.run(feeds)
+            seconds = time.perf_counter() - start
+        events = json.loads(Path(session.session.end_profiling()).read_text())
     run = [e for e in events if e.get("name") == "model_run"][-1]
     nodes = sorted(
         (

@@ -72,11 +72,11 @@ FALLBACK = {
 # at 512x512 (whole UNet, run peak above its session: 3.8 GiB for 2 rows with standard attention, 1.8
 # GiB with --attention fused).
 FALLBACK_ACTIVATION_PER_ROW_PIXEL = {"standard": 500_000.0, "fused": 240_000.0}
-# The VAE decoder's activations follow its pixels, not its weights: for one 512x512 image 1.0 GiB above
-# its session on no arena, with the memory pattern or without it, measured alone (benchmarks/memory.py
-# --rows 1) and as the VAE phase of whole generations above what the process held before it (fp32 and
-# INT8 UNet halves, everything resident); 2.7 GiB on the shared arena with the memory pattern, the
-# default before. Planned with 15 % to spare.
+# The VAE decoder's activations follow its pixels, not its weights: for one 512x512 image 0.88 GiB above
+# its session on no arena without buffer reuse (1.0 GiB with it, with the memory pattern or without),
+# measured alone (benchmarks/memory.py --rows 1) and as the VAE phase of whole generations above what
+# the process held before it (fp32 and INT8 UNet halves, everything resident); 2.7 GiB on the shared
+# arena with the memory pattern, the default two changes ago. Planned with 15-30 % to spare.
 FALLBACK_VAE_ACTIVATION_PER_PIXEL = 300_000.0
 
 
